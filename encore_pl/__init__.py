@@ -1,0 +1,1 @@
+"""encore-pl: lifelong sequential knowledge editing (ENCORE, MEMIT, AlphaEdit) on PyTorch Lightning."""

@@ -1,0 +1,93 @@
+"""Scoring edit requests on the current model (teacher forcing, METHOD.md "Evaluation").
+
+CounterFact: a target's score is its mean per-token NLL after the prompt; an edit succeeds on a
+prompt when P(new) > P(true) (neighbourhood prompts: P(true) > P(new)).
+zsRE: teacher-forced top-1 accuracy of the target tokens.
+"""
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import EditRequest
+from .keys import pad_right
+from .layouts import LocatedModel
+from .prompts import encode_target
+
+
+@torch.no_grad()
+def target_nll_and_accuracy(
+    lm: LocatedModel, tok, pairs: list[tuple[str, str]], batch_size: int = 64, desc: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each (prompt, target): mean NLL per target token and fraction of tokens that are argmax."""
+    seqs, spans = [], []
+    for prompt, target in pairs:
+        p = tok(prompt).input_ids
+        t = encode_target(tok, prompt, target)
+        seqs.append(p + t[:-1])
+        spans.append((len(p) - 1, t))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    nll = torch.zeros(len(seqs))
+    acc = torch.zeros(len(seqs))
+    device = lm.model.device
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for idx in tqdm(batches, desc=desc, disable=desc is None, leave=False):
+        ids, mask = pad_right([seqs[i] for i in idx], tok.pad_token_id, device)
+        hidden, _ = lm.final_hidden(input_ids=ids, attention_mask=mask, use_cache=False)
+        rows, cols, toks, owner = [], [], [], []
+        for local, i in enumerate(idx):
+            start, t = spans[i]
+            for j, token in enumerate(t):
+                rows.append(local), cols.append(start + j), toks.append(token), owner.append(i)
+        logits = lm.logits(hidden[torch.tensor(rows), torch.tensor(cols)]).float()
+        toks = torch.tensor(toks, device=device)
+        token_nll = -logits.log_softmax(-1).gather(1, toks[:, None]).squeeze(1).cpu()
+        token_ok = (logits.argmax(-1) == toks).float().cpu()
+        owner = torch.tensor(owner)
+        counts = torch.zeros(len(seqs)).index_add(0, owner, torch.ones(len(owner)))
+        nll += torch.zeros(len(seqs)).index_add(0, owner, token_nll) / counts.clamp(min=1)
+        acc += torch.zeros(len(seqs)).index_add(0, owner, token_ok) / counts.clamp(min=1)
+    return nll, acc
+
+
+def _per_case(values: torch.Tensor, owners: list[int], n: int) -> torch.Tensor:
+    owners_t = torch.tensor(owners, dtype=torch.long)
+    total = torch.zeros(n).index_add(0, owners_t, values.float())
+    count = torch.zeros(n).index_add(0, owners_t, torch.ones(len(owners)))
+    return total / count.clamp(min=1)
+
+
+def score_requests(
+    lm: LocatedModel, tok, requests: list[EditRequest], batch_size: int = 64, desc: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Per-request scores in [0, 1]: efficacy, paraphrase, neighborhood, and the magnitudes.
+
+    CounterFact-style requests use P(new) > P(true); zsRE requests use token accuracy (their
+    magnitudes are 0).
+    """
+    n = len(requests)
+    groups = {"efficacy": [], "paraphrase": [], "neighborhood": []}
+    for i, r in enumerate(requests):
+        groups["efficacy"].append((i, r.filled_prompt, r.target_new, r.target_true))
+        for p in r.paraphrase_prompts:
+            groups["paraphrase"].append((i, p, r.target_new, r.target_true))
+        for p in r.neighborhood_prompts:
+            # counterfact: neighbours should keep the true object over the new one
+            groups["neighborhood"].append((i, p, r.neighborhood_target, r.target_new))
+    pairs, where = [], {}
+    for name, items in groups.items():
+        where[name] = len(pairs)
+        for _, prompt, keep, other in items:
+            pairs += [(prompt, keep), (prompt, other)]
+    nll, acc = target_nll_and_accuracy(lm, tok, pairs, batch_size, desc)
+    zsre = torch.tensor([r.kind == "zsre" for r in requests])
+    out = {}
+    for name, items in groups.items():
+        owners = [i for i, *_ in items]
+        start, m = where[name], len(items)
+        good, bad = nll[start : start + 2 * m : 2], nll[start + 1 : start + 2 * m : 2]
+        success = _per_case((good < bad).float(), owners, n)
+        accuracy = _per_case(acc[start : start + 2 * m : 2], owners, n)
+        magnitude = _per_case(torch.exp(-good) - torch.exp(-bad), owners, n)
+        out[name] = torch.where(zsre, accuracy, success)
+        out[f"{name}_magnitude"] = torch.where(zsre, torch.zeros(n), magnitude)
+    return out

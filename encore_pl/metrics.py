@@ -1,0 +1,72 @@
+"""Edit scores as torchmetrics Metrics: sum states, so they reduce correctly across processes."""
+
+import torch
+from torchmetrics import Metric
+
+
+class EditScore(Metric):
+    """Mean of per-request scores in [0, 1], reported in percent (Efficacy, Paraphrase, Neighborhood)."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, scores: torch.Tensor) -> None:
+        self.total += scores.double().sum().to(self.total.device)
+        self.count += scores.numel()
+
+    def compute(self) -> torch.Tensor:
+        return 100.0 * self.total / self.count.clamp(min=1)
+
+
+class OverallScore(Metric):
+    """Harmonic mean of Efficacy, Paraphrase and Neighborhood Scores, in percent."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("totals", default=torch.zeros(3, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, efficacy: torch.Tensor, paraphrase: torch.Tensor, neighborhood: torch.Tensor) -> None:
+        stacked = torch.stack([efficacy.double(), paraphrase.double(), neighborhood.double()])
+        self.totals += stacked.sum(1).to(self.totals.device)
+        self.count += efficacy.numel()
+
+    def compute(self) -> torch.Tensor:
+        means = 100.0 * self.totals / self.count.clamp(min=1)
+        if (means <= 0).any():
+            return torch.tensor(0.0, dtype=torch.float64)
+        return 3.0 / (1.0 / means).sum()
+
+
+SCORE_NAMES = ("efficacy", "paraphrase", "neighborhood")
+
+
+class CounterFactScores(torch.nn.Module):
+    """The four scores of one evaluation (e.g. "pre" or "post"), updated together."""
+
+    def __init__(self):
+        super().__init__()
+        self.scores = torch.nn.ModuleDict({name: EditScore() for name in SCORE_NAMES})
+        self.overall = OverallScore()
+
+    def update(self, per_request: dict[str, torch.Tensor]) -> None:
+        for name in SCORE_NAMES:
+            self.scores[name].update(per_request[name])
+        self.overall.update(*(per_request[name] for name in SCORE_NAMES))
+
+    def compute(self) -> dict[str, float]:
+        out = {f"{name}_score": self.scores[name].compute().item() for name in SCORE_NAMES}
+        out["overall_score"] = self.overall.compute().item()
+        return out
+
+    def reset(self) -> None:
+        for m in [*self.scores.values(), self.overall]:
+            m.reset()

@@ -1,0 +1,186 @@
+"""C0: the uncentred second moment E[k k^T] of the down-matrix inputs over a text corpus.
+
+All layers of the window come from one pass over the corpus, which stops after the last layer
+needed. Text is tokenised, joined with EOS and packed into sequences of `seq_len` tokens, so no
+token is padding. Results are cached on disk, one safetensors file per layer, keyed by the model's
+weights, the layer, the corpus, the token count, `seq_len` and dtype.
+"""
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .keys import capture, run_to_stop
+from .layouts import LocatedModel
+from .models import cache_dir
+
+
+@dataclass
+class KeyStatistics:
+    """Where C0 comes from.
+
+    Args:
+        files: local text files (e.g. WikiText-2's valid.txt and test.txt). Used if given.
+        hf_dataset: a `datasets` corpus "path[:config[:split]]" for online users (e.g.
+            "wikitext:wikitext-103-raw-v1:train"); used if no files are given.
+        text_field: the text column of `hf_dataset`.
+        num_tokens: use at most this many tokens (None = the whole corpus). With neither files
+            nor hf_dataset, this many tokens are sampled from the model itself (offline default).
+        seq_len: tokens per packed sequence.
+        batch_size: sequences per forward pass.
+        seed: seed of the model-sampled corpus.
+        dtype: dtype of the stored C0.
+    """
+
+    files: list[str] = field(default_factory=list)
+    hf_dataset: Optional[str] = None
+    text_field: str = "text"
+    num_tokens: Optional[int] = 32768
+    seq_len: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    dtype: str = "float32"
+
+    def corpus_id(self) -> str:
+        if self.files:
+            digests = []
+            for f in self.files:
+                path = Path(f)
+                if not path.exists():
+                    raise FileNotFoundError(f"key-statistics corpus file {f!r} does not exist")
+                digests.append(hashlib.sha256(path.read_bytes()).hexdigest()[:16])
+            return "files-" + "-".join(digests)
+        if self.hf_dataset:
+            return "hf-" + self.hf_dataset.replace("/", "_").replace(":", "_")
+        return f"model-samples-seed{self.seed}"
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of the input embeddings: tells models apart without hashing every weight."""
+    emb = model.get_input_embeddings().weight.detach().float().cpu().contiguous()
+    h = hashlib.sha256(emb.numpy().tobytes())
+    h.update(json.dumps([model.config.model_type, model.config.num_hidden_layers]).encode())
+    return h.hexdigest()[:16]
+
+
+def corpus_token_ids(tok, model, cfg: KeyStatistics) -> list[int]:
+    """The corpus as one stream of token ids (documents joined by EOS)."""
+    limit = cfg.num_tokens
+    if cfg.files or cfg.hf_dataset:
+        if cfg.files:
+            texts = (line for f in cfg.files for line in Path(f).read_text(encoding="utf-8").split("\n\n"))
+        else:
+            import datasets
+
+            path, *rest = cfg.hf_dataset.split(":")
+            config = rest[0] if rest else None
+            split = rest[1] if len(rest) > 1 else "train"
+            texts = (r[cfg.text_field] for r in datasets.load_dataset(path, config, split=split, streaming=True))
+        stream = []
+        for text in texts:
+            if not text.strip():
+                continue
+            stream.extend(tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id])
+            if limit is not None and len(stream) >= limit:
+                break
+        return stream[:limit] if limit is not None else stream
+    return sample_from_model(model, tok, limit or 32768, cfg.seq_len, cfg.batch_size, cfg.seed)
+
+
+@torch.no_grad()
+def sample_from_model(model, tok, num_tokens: int, seq_len: int, batch_size: int, seed: int) -> list[int]:
+    """Offline corpus: `num_tokens` tokens sampled from the model (top-p 0.95) with a fixed seed."""
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    stream: list[int] = []
+    bar = tqdm(total=num_tokens, desc="sampling C0 corpus from the model", unit="tok")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        while len(stream) < num_tokens:
+            ids = torch.full((batch_size, 1), start, dtype=torch.long, device=model.device)
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.95, top_k=0,
+                temperature=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                pad_token_id=tok.pad_token_id,
+            )
+            for row in out.tolist():
+                stream.extend(row)
+            bar.update(out.numel())
+    bar.close()
+    return stream[:num_tokens]
+
+
+def cache_path(fingerprint: str, layer: int, cfg: KeyStatistics, corpus_id: str) -> Path:
+    key = json.dumps([fingerprint, layer, corpus_id, cfg.num_tokens, cfg.seq_len, cfg.dtype])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return cache_dir() / "stats" / f"c0-{fingerprint}-layer{layer}-{digest}.safetensors"
+
+
+def load_cached(path: Path, d_ff: int) -> Optional[torch.Tensor]:
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            c0 = f.get_tensor("c0")
+    except Exception as e:
+        raise ValueError(f"key-statistics cache {path} is corrupt ({e}); delete it to recompute") from None
+    if c0.shape != (d_ff, d_ff):
+        raise ValueError(f"key-statistics cache {path} has shape {tuple(c0.shape)}, expected {(d_ff, d_ff)}")
+    return c0
+
+
+@torch.no_grad()
+def compute_key_statistics(lm: LocatedModel, tok, layers: list[int], cfg: KeyStatistics) -> dict[int, torch.Tensor]:
+    """C0 for every layer of `layers`, from the cache or from one pass over the corpus."""
+    fingerprint = model_fingerprint(lm.model)
+    corpus_id = cfg.corpus_id()
+    d_ff = lm.weight_out_in(layers[0]).shape[1]
+    result, missing = {}, []
+    for layer in layers:
+        cached = load_cached(cache_path(fingerprint, layer, cfg, corpus_id), d_ff)
+        if cached is None:
+            missing.append(layer)
+        else:
+            result[layer] = cached
+    if not missing:
+        return result
+
+    stream = corpus_token_ids(tok, lm.model, cfg)
+    chunks = [stream[i : i + cfg.seq_len] for i in range(0, len(stream), cfg.seq_len)]
+    sums = {l: torch.zeros(d_ff, d_ff, dtype=torch.float64) for l in missing}
+    count = 0
+    t0 = time.time()
+    bar = tqdm(total=len(stream), desc=f"C0 for layers {missing}", unit="tok")
+    for i in range(0, len(chunks), cfg.batch_size):
+        batch = chunks[i : i + cfg.batch_size]
+        width = max(len(c) for c in batch)
+        groups = [batch] if all(len(c) == width for c in batch) else [[c] for c in batch]
+        for group in groups:  # only the corpus's last, shorter sequence runs on its own
+            ids = torch.tensor(group, dtype=torch.long, device=lm.model.device)
+            with capture(lm, missing, [], max(missing)) as (keys, _):
+                run_to_stop(lm, input_ids=ids)
+            for l in missing:
+                k = keys[l].reshape(-1, d_ff).float()
+                sums[l] += (k.T @ k).double().cpu()
+            count += ids.numel()
+            bar.update(ids.numel())
+        bar.set_postfix(tok_per_s=f"{count / (time.time() - t0):.0f}")
+    bar.close()
+    for l in missing:
+        c0 = (sums[l] / count).to(getattr(torch, cfg.dtype))
+        path = cache_path(fingerprint, l, cfg, corpus_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        meta = {"layer": str(l), "tokens": str(count), "corpus": corpus_id, "config": json.dumps(asdict(cfg))}
+        save_file({"c0": c0.contiguous()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)  # atomic: a cache file is either complete or absent
+        result[l] = c0
+    return result
