@@ -1,5 +1,7 @@
 """The command line: `python scripts/train.py fit|validate --config CONFIG.yaml`."""
 
+import warnings
+
 from lightning.pytorch.cli import LightningCLI
 
 from .data import EditDataModule
@@ -21,6 +23,12 @@ class EditingCLI(LightningCLI):
 
 
 def main(args=None) -> None:
+    # Lightning warnings that describe this design, not a problem: the frozen model is in eval
+    # mode, there is no optimizer (each step optimises its own target vectors), and `fit` has no
+    # validation loop.
+    for message in (".*configure_optimizers.*returned `None`", ".*module\\(s\\) in eval mode.*",
+                    ".*Total length of .* across ranks is zero.*", ".*isinstance\\(treespec, LeafSpec\\).*"):
+        warnings.filterwarnings("ignore", message=message)
     EditingCLI(
         KnowledgeEditor,
         EditDataModule,

@@ -35,6 +35,8 @@ class KeyStatistics:
         text_field: the text column of `hf_dataset`.
         num_tokens: use at most this many tokens (None = the whole corpus). With neither files
             nor hf_dataset, this many tokens are sampled from the model itself (offline default).
+        num_texts: use at most this many documents, each cut to `seq_len` tokens (the published
+            code's "mom2_n_samples"); None = no limit. Documents are blank-line separated in files.
         seq_len: tokens per packed sequence.
         batch_size: sequences per forward pass.
         seed: seed of the model-sampled corpus.
@@ -45,6 +47,7 @@ class KeyStatistics:
     hf_dataset: Optional[str] = None
     text_field: str = "text"
     num_tokens: Optional[int] = 32768
+    num_texts: Optional[int] = None
     seq_len: int = 512
     batch_size: int = 8
     seed: int = 0
@@ -85,12 +88,16 @@ def corpus_token_ids(tok, model, cfg: KeyStatistics) -> list[int]:
             config = rest[0] if rest else None
             split = rest[1] if len(rest) > 1 else "train"
             texts = (r[cfg.text_field] for r in datasets.load_dataset(path, config, split=split, streaming=True))
-        stream = []
+        stream, n_texts = [], 0
         for text in texts:
             if not text.strip():
                 continue
-            stream.extend(tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id])
-            if limit is not None and len(stream) >= limit:
+            ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            if cfg.num_texts is not None:
+                ids = ids[: cfg.seq_len]
+            stream.extend(ids)
+            n_texts += 1
+            if (limit is not None and len(stream) >= limit) or (cfg.num_texts is not None and n_texts >= cfg.num_texts):
                 break
         return stream[:limit] if limit is not None else stream
     return sample_from_model(model, tok, limit or 32768, cfg.seq_len, cfg.batch_size, cfg.seed)
@@ -119,7 +126,10 @@ def sample_from_model(model, tok, num_tokens: int, seq_len: int, batch_size: int
 
 
 def cache_path(fingerprint: str, layer: int, cfg: KeyStatistics, corpus_id: str) -> Path:
-    key = json.dumps([fingerprint, layer, corpus_id, cfg.num_tokens, cfg.seq_len, cfg.dtype])
+    parts = [fingerprint, layer, corpus_id, cfg.num_tokens, cfg.seq_len, cfg.dtype]
+    if cfg.num_texts is not None:
+        parts.append(cfg.num_texts)
+    key = json.dumps(parts)
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     return cache_dir() / "stats" / f"c0-{fingerprint}-layer{layer}-{digest}.safetensors"
 

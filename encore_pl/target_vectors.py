@@ -67,6 +67,36 @@ class _Rows:
     targets: list[list[tuple[int, int]]]  # (position in suffix, token) per rewrite row
 
 
+def prefixed_targets_top1(
+    correct: torch.Tensor, token_row: torch.Tensor, row_request: torch.Tensor, row_kind: torch.Tensor, n: int
+) -> torch.Tensor:
+    """Per request: is every target token of every context-prefixed prompt the argmax? [n] bool.
+
+    `correct` [tokens] says whether each target token is the argmax at its position, `token_row`
+    [tokens] which row it belongs to; rows have a request and a kind (1 = prefixed rewrite).
+    All positions count, so a multi-token target qualifies only when all its tokens are top-1.
+    """
+    wrong_in_row = torch.zeros(len(row_request), device=correct.device).index_add(0, token_row, (~correct).float())
+    bad_row = (row_kind == 1) & (wrong_in_row > 0)
+    bad = torch.zeros(n, device=correct.device).index_add(0, row_request, bad_row.float())
+    return bad == 0
+
+
+class MostProbableEarlyStopping:
+    """MPES: stop a request once it has qualified on 1 + extra_steps checks (not necessarily in a row)."""
+
+    def __init__(self, n: int, extra_steps: Optional[int]):
+        self.extra_steps = extra_steps
+        self.hits = torch.zeros(n, dtype=torch.long)
+
+    def update(self, qualifies: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Count this check for the active requests; return which of them stop now."""
+        if self.extra_steps is None:
+            return torch.zeros_like(active)
+        self.hits += (qualifies & active).long()
+        return active & qualifies & (self.hits == 1 + self.extra_steps)
+
+
 def _build_rows(tok, requests: list[EditRequest], prefixes: list[str]) -> _Rows:
     request, kind, prefix, suffix, targets = [], [], [], [], []
     for i, r in enumerate(requests):
@@ -124,7 +154,7 @@ def compute_target_vectors(
     z = torch.zeros((n, d), device=device)
     steps = torch.zeros(n, dtype=torch.long)
     target_prob = torch.zeros(n)
-    hits = torch.zeros(n, dtype=torch.long)
+    mpes = MostProbableEarlyStopping(n, hp.extra_steps)
     active = torch.ones(n, dtype=torch.bool)
     edit_block = lm.block(z_layer)
 
@@ -188,16 +218,9 @@ def compute_target_vectors(
         decay = hp.v_weight_decay * delta.norm(dim=1) / h.norm(dim=1).clamp(min=1e-12) ** 2
         loss = nll + kl + decay
 
-        # MPES: every target position of every prefixed prompt holds its token as the argmax.
-        row_ok = torch.zeros(n_rows, device=device).index_add(0, t_row, (~correct).float()) == 0
-        all_ok = per_req(((kinds == 1) & ~row_ok).float()) == 0
-
-        stop = torch.zeros(n, dtype=torch.bool)
-        for i in torch.nonzero(active).squeeze(1).tolist():
-            if hp.extra_steps is not None and all_ok[i]:
-                hits[i] += 1
-                if hits[i] == 1 + hp.extra_steps:
-                    stop[i] = True
+        qualifies = prefixed_targets_top1(correct, t_row, req_of_row, kinds, n)
+        stop = mpes.update(qualifies.cpu(), active)
+        for i in torch.nonzero(active & ~stop).squeeze(1).tolist():
             if loss[i].item() < hp.nll_stop or it == hp.v_num_grad_steps - 1:
                 stop[i] = True
         if stop.any():

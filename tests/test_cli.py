@@ -1,0 +1,75 @@
+"""The entry point on a tiny model: fit writes results, config and TensorBoard logs; validate scores."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+RESULT_KEYS = {
+    "method", "model", "num_edits", "batch_size", "efficacy_score", "paraphrase_score", "neighborhood_score",
+    "overall_score", "pre", "edit_seconds", "seconds_per_edit", "mean_z_steps", "weight_norms",
+}
+
+
+def run(*args, cwd):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *args], cwd=cwd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("method", ["encore", "memit", "alphaedit"])
+def test_fit_on_tiny_model_writes_results(tiny_llama_dir, tmp_path, method, monkeypatch):
+    monkeypatch.setenv("ENCORE_PL_CACHE", str(tmp_path / "cache"))
+    proc = run(
+        "fit", f"--model.model_name_or_path={tiny_llama_dir}", "--model.layers=[1,2]",
+        f"--model.solver.method={method}", "--model.solver.lambda_p=10", "--model.target.v_num_grad_steps=4",
+        "--model.key_stats.num_tokens=512", "--model.key_stats.seq_len=64",
+        "--data.num_edits=6", "--data.batch_size=3", f"--trainer.default_root_dir={tmp_path}",
+        cwd=tmp_path,
+    )
+    run_dir = tmp_path / "lightning_logs" / "version_0"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert RESULT_KEYS <= set(results)
+    assert results["method"] == method and results["num_edits"] == 6 and results["batch_size"] == 3
+    assert set(results["pre"]) == {"efficacy_score", "paraphrase_score", "neighborhood_score", "overall_score"}
+    norms = results["weight_norms"]
+    assert set(norms) == {"model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"}
+    assert all(before != after for before, after in norms.values())  # the weights were edited
+    assert (run_dir / "config.yaml").exists()
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert "post-edit" in proc.stdout and "results.json" in proc.stdout
+
+
+def test_validate_scores_without_editing(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ENCORE_PL_CACHE", str(tmp_path / "cache"))
+    proc = run(
+        "validate", f"--model.model_name_or_path={tiny_llama_dir}", "--model.layers=[1,2]",
+        "--data.num_edits=4", "--data.batch_size=2", f"--trainer.default_root_dir={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert "val/efficacy_score" in proc.stdout
+
+
+CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_parses(config):
+    proc = subprocess.run(
+        [sys.executable, "scripts/train.py", "fit", "--config", config, "--print_config"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "solver:" in proc.stdout and "method:" in proc.stdout
+
+
+def test_bad_config_key_is_a_clear_error():
+    proc = subprocess.run(
+        [sys.executable, "scripts/train.py", "fit", "--config", "configs/quickstart.yaml", "--model.solver.lamda_p=3"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert proc.returncode != 0 and "lamda_p" in proc.stderr

@@ -1,0 +1,71 @@
+import torch
+
+from encore_pl.data import EditRequest
+from encore_pl.layouts import LocatedModel
+from encore_pl.models import load_model_and_tokenizer
+from encore_pl.prompts import generate_context_prefixes
+from encore_pl.reference import reference_target_vectors
+from encore_pl.target_vectors import (
+    MostProbableEarlyStopping,
+    TargetOptimization,
+    compute_target_vectors,
+    prefixed_targets_top1,
+)
+
+SUBJECTS = ["France", "Germany", "Japan", "Italy", "Spain", "Brazil"]
+TARGETS = [" the", " of", " city", " capital", " is", " Paris"]  # the last is 3 tokens in the tiny vocab
+
+
+def setup(model_dir):
+    model, tok = load_model_and_tokenizer(str(model_dir))
+    requests = [EditRequest(str(i), s, "The capital city of {}", t, " x") for i, (s, t) in enumerate(zip(SUBJECTS, TARGETS))]
+    return LocatedModel(model), tok, requests, generate_context_prefixes(model, tok, seed=0)
+
+
+def test_batched_equals_one_request_at_a_time(tiny_model_dir):
+    lm, tok, requests, prefixes = setup(tiny_model_dir)
+    hp = TargetOptimization(v_lr=0.5, v_num_grad_steps=15, extra_steps=1, clamp_norm_factor=4.0)
+    fast = compute_target_vectors(lm, tok, requests, prefixes, 2, hp)
+    ref = reference_target_vectors(lm, tok, requests, prefixes, 2, hp)
+    assert fast.steps.tolist() == ref.steps.tolist()
+    assert len(set(fast.steps.tolist())) > 1, "requests should stop at different steps"
+    assert fast.steps.min() < hp.v_num_grad_steps - 1, "MPES should stop some requests early"
+    torch.testing.assert_close(fast.h, ref.h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.z, ref.z, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast.target_prob, ref.target_prob, atol=1e-4, rtol=1e-4)
+
+
+def test_without_mpes_runs_to_the_step_limit(tiny_llama_dir):
+    lm, tok, requests, prefixes = setup(tiny_llama_dir)
+    hp = TargetOptimization(v_num_grad_steps=6, extra_steps=None, nll_stop=0.0)
+    out = compute_target_vectors(lm, tok, requests[:3], prefixes, 2, hp)
+    assert out.steps.tolist() == [5, 5, 5]  # 6 forward passes, 5 Adam steps, no early stop
+    assert ((out.z - out.h).norm(dim=1) <= hp.clamp_norm_factor * out.h.norm(dim=1) + 1e-5).all()
+
+
+def test_mpes_counts_every_target_position_of_every_prefixed_prompt():
+    # Request 0: 1 bare row + 5 prefixed rows, a 2-token target: 12 target tokens.
+    row_request = torch.zeros(6, dtype=torch.long)
+    row_kind = torch.tensor([0, 1, 1, 1, 1, 1])
+    token_row = torch.arange(6).repeat_interleave(2)
+    first_tokens_only = torch.tensor([True, False] * 6)  # 5 correct positions among prefixed rows
+    assert not prefixed_targets_top1(first_tokens_only, token_row, row_request, row_kind, 1).item()
+    all_but_bare = torch.tensor([False, False] + [True] * 10)  # the bare prompt does not count
+    assert prefixed_targets_top1(all_but_bare, token_row, row_request, row_kind, 1).item()
+    one_miss = all_but_bare.clone()
+    one_miss[-1] = False
+    assert not prefixed_targets_top1(one_miss, token_row, row_request, row_kind, 1).item()
+
+
+def test_mpes_stops_at_first_qualifying_check_plus_extra_steps():
+    mpes = MostProbableEarlyStopping(3, extra_steps=2)
+    active = torch.ones(3, dtype=torch.bool)
+    checks = [[1, 0, 1], [0, 0, 1], [1, 0, 1], [1, 1, 0]]  # request 0: hits at checks 0, 2, 3
+    stopped_at = {}
+    for step, q in enumerate(checks):
+        stop = mpes.update(torch.tensor(q, dtype=torch.bool), active)
+        for i in torch.nonzero(stop).squeeze(1).tolist():
+            stopped_at[i] = step
+        active &= ~stop
+    assert stopped_at == {2: 2, 0: 3}  # 3 hits each; hits need not be consecutive
+    assert MostProbableEarlyStopping(1, None).update(torch.tensor([True]), torch.tensor([True])).tolist() == [False]
