@@ -66,9 +66,18 @@ class LeastSquaresUpdate(L.Callback):
 
         seconds = time.perf_counter() - outputs["start"]
         steps = outputs["steps"].float()
-        m.batch_stats.append({"seconds": seconds, "steps": outputs["steps"].tolist()})
+        norms = {l: m.lm.weight_out_in(l).norm().item() for l in applied}
+        m.history.append({
+            "batch": batch_idx,
+            "num_edits": len(m.edited),
+            "seconds": seconds,
+            "z_steps_mean": steps.mean().item(),
+            "weight_norm": {str(l): v for l, v in norms.items()},
+            "weight_norm_ratio": {str(l): v / m.original_norms[l] for l, v in norms.items()},
+            "increment_norm": {str(l): d.norm().item() for l, (d, _) in applied.items()},
+        })
         log = {"edit/seconds": seconds, "edit/z_steps_mean": steps.mean().item(), "edit/z_steps_max": steps.max().item()}
         for layer, (d, _) in applied.items():
-            log[f"weight_norm/layer_{layer}"] = m.lm.weight_out_in(layer).norm().item()
+            log[f"weight_norm/layer_{layer}"] = norms[layer]
             log[f"increment_norm/layer_{layer}"] = d.norm().item()
         m.log_dict(log, on_step=True, on_epoch=False, batch_size=len(batch))

@@ -5,6 +5,10 @@ prompt when P(new) > P(true) (neighbourhood prompts: P(true) > P(new)).
 zsRE: teacher-forced top-1 accuracy of the target tokens.
 """
 
+import math
+import re
+from collections import Counter
+
 import torch
 from tqdm.auto import tqdm
 
@@ -59,10 +63,11 @@ def _per_case(values: torch.Tensor, owners: list[int], n: int) -> torch.Tensor:
 def score_requests(
     lm: LocatedModel, tok, requests: list[EditRequest], batch_size: int = 64, desc: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """Per-request scores in [0, 1]: efficacy, paraphrase, neighborhood, and the magnitudes.
+    """Per-request scores in [0, 1]: efficacy, paraphrase, neighborhood, their magnitudes
+    (mean P(new) - P(true), reversed for neighbourhood), and P(new), P(true) on the rewrite prompt.
 
     CounterFact-style requests use P(new) > P(true); zsRE requests use token accuracy (their
-    magnitudes are 0).
+    magnitudes are 0). P is exp(-mean token NLL), as the published evaluation.
     """
     n = len(requests)
     groups = {"efficacy": [], "paraphrase": [], "neighborhood": []}
@@ -90,4 +95,43 @@ def score_requests(
         magnitude = _per_case(torch.exp(-good) - torch.exp(-bad), owners, n)
         out[name] = torch.where(zsre, accuracy, success)
         out[f"{name}_magnitude"] = torch.where(zsre, torch.zeros(n), magnitude)
+        if name == "efficacy":  # P(new) and P(true) on the rewrite prompt
+            out["new_prob"], out["true_prob"] = torch.exp(-good), torch.exp(-bad)
     return out
+
+
+def n_gram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
+    """Weighted mean of the n-gram entropies (log2) of one text's words (ROME's fluency measure)."""
+    words = re.findall(r"\w+|[^\w\s]", text.lower())
+    parts = []
+    for n, w in zip(ns, weights):
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        h = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+        parts.append(w * h)
+    return sum(parts) / len(parts)
+
+
+@torch.no_grad()
+def generate_texts(
+    lm: LocatedModel, tok, prompts: list[str], length: int = 100, top_k: int = 5, seed: int = 0, batch_size: int = 16
+) -> list[str]:
+    """Top-k sampled continuations, `length` tokens in all (prompt included), as the published code."""
+    texts = []
+    device = lm.model.device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            chunk = [tok(p).input_ids for p in prompts[start : start + batch_size]]
+            width = max(len(c) for c in chunk)
+            ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, c in enumerate(chunk):  # left padding for generation
+                ids[i, width - len(c) :] = torch.tensor(c)
+                mask[i, width - len(c) :] = 1
+            out = lm.model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, top_k=top_k, top_p=1.0,
+                temperature=1.0, max_new_tokens=max(1, length - width), pad_token_id=tok.pad_token_id,
+            )
+            texts += tok.batch_decode(out, skip_special_tokens=True)
+    return texts

@@ -5,7 +5,8 @@ from torchmetrics import Metric
 
 
 class EditScore(Metric):
-    """Mean of per-request scores in [0, 1], reported in percent (Efficacy, Paraphrase, Neighborhood)."""
+    """Mean of per-request values, x100: the Efficacy, Paraphrase and Neighborhood Scores (percent)
+    and their magnitudes (mean P(new) - P(true), in percentage points)."""
 
     full_state_update = False
     higher_is_better = True
@@ -46,27 +47,50 @@ class OverallScore(Metric):
         return 3.0 / (1.0 / means).sum()
 
 
+class GenerationEntropy(Metric):
+    """Mean weighted 2-/3-gram entropy of generated texts, x100 (fluency, as reported in the paper)."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, entropies: torch.Tensor) -> None:
+        self.total += entropies.double().sum().to(self.total.device)
+        self.count += entropies.numel()
+
+    def compute(self) -> torch.Tensor:
+        return 100.0 * self.total / self.count.clamp(min=1)
+
+
 SCORE_NAMES = ("efficacy", "paraphrase", "neighborhood")
 
 
 class CounterFactScores(torch.nn.Module):
-    """The four scores of one evaluation (e.g. "pre" or "post"), updated together."""
+    """The scores of one evaluation (e.g. "pre" or "post"), updated together: ES, PS, NS, Overall,
+    and the three magnitudes."""
 
     def __init__(self):
         super().__init__()
         self.scores = torch.nn.ModuleDict({name: EditScore() for name in SCORE_NAMES})
+        self.magnitudes = torch.nn.ModuleDict({name: EditScore() for name in SCORE_NAMES})
         self.overall = OverallScore()
 
     def update(self, per_request: dict[str, torch.Tensor]) -> None:
         for name in SCORE_NAMES:
             self.scores[name].update(per_request[name])
+            self.magnitudes[name].update(per_request[f"{name}_magnitude"])
         self.overall.update(*(per_request[name] for name in SCORE_NAMES))
 
     def compute(self) -> dict[str, float]:
         out = {f"{name}_score": self.scores[name].compute().item() for name in SCORE_NAMES}
         out["overall_score"] = self.overall.compute().item()
+        out.update({f"{name}_magnitude": self.magnitudes[name].compute().item() for name in SCORE_NAMES})
         return out
 
     def reset(self) -> None:
-        for m in [*self.scores.values(), self.overall]:
+        for m in [*self.scores.values(), *self.magnitudes.values(), self.overall]:
             m.reset()

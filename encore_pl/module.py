@@ -2,12 +2,13 @@
 
 The weight update itself is applied by the `LeastSquaresUpdate` callback right after the step.
 All lifelong state (context prefixes, running sums of previous keys, original weight norms, the
-requests edited so far) lives here, so it can be checkpointed.
+requests edited so far, the run's history) lives here, so it can be checkpointed.
 """
 
 import json
+import random
 import time
-from dataclasses import asdict, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -16,14 +17,44 @@ import torch
 
 from .callbacks import LeastSquaresUpdate
 from .data import EditRequest
-from .evaluation import score_requests
+from .diagnostics import mlp_residual_ratio, probe_texts
+from .evaluation import generate_texts, n_gram_entropy, score_requests
 from .layouts import LocatedModel
-from .metrics import CounterFactScores
+from .metrics import CounterFactScores, GenerationEntropy
 from .models import DEFAULT_MODEL, load_model_and_tokenizer
 from .prompts import generate_context_prefixes
 from .solvers import SolverConfig, nullspace_projector
 from .stats import KeyStatistics, compute_key_statistics
 from .target_vectors import TargetOptimization, compute_target_vectors
+
+
+@dataclass
+class EvaluationConfig:
+    """When and how edits are scored.
+
+    Args:
+        final_fraction: after the last batch, score this fraction of the edited requests (a
+            seeded sample); 1.0 = all of them, the paper's protocol.
+        every_n_batches: retention curve: every N batches, score the requests edited so far
+            (0 = off).
+        retention_sample: score a seeded sample of at most this many of them (None = all).
+        generation_prompts: prompts for Generation Entropy, before and after editing (0 = off).
+        generation_prompts_file: a JSON list of prompts, sampled (seeded) for requests that carry
+            none of their own (e.g. encore-eval/data/cf_generation_prompts.json).
+        generation_length: tokens per generated text, prompt included.
+        probe_file: generic text (one passage per line) for the MLP-to-residual norm ratio
+            (None = built-in sentences).
+        batch_size: prompts per forward pass when scoring.
+    """
+
+    final_fraction: float = 1.0
+    every_n_batches: int = 0
+    retention_sample: Optional[int] = None
+    generation_prompts: int = 0
+    generation_prompts_file: Optional[str] = None
+    generation_length: int = 100
+    probe_file: Optional[str] = None
+    batch_size: int = 64
 
 
 class KnowledgeEditor(L.LightningModule):
@@ -37,8 +68,8 @@ class KnowledgeEditor(L.LightningModule):
         solver: SolverConfig = SolverConfig(),
         target: TargetOptimization = TargetOptimization(),
         key_stats: KeyStatistics = KeyStatistics(),
+        evaluation: EvaluationConfig = EvaluationConfig(),
         seed: int = 0,
-        eval_batch_size: int = 64,
     ):
         """Sequential knowledge editing of a causal LM with ENCORE, MEMIT or AlphaEdit.
 
@@ -52,8 +83,8 @@ class KnowledgeEditor(L.LightningModule):
             solver: the least-squares update (method, lambda_p, lambda_n, previous keys).
             target: the target-vector optimisation and MPES.
             key_stats: the corpus and size of the key statistics C0.
-            seed: fixes the context prefixes (and the model-sampled C0 corpus via key_stats.seed).
-            eval_batch_size: prompts per forward pass when scoring.
+            evaluation: when and how the edits are scored.
+            seed: fixes the context prefixes, evaluation samples and generations.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -62,9 +93,7 @@ class KnowledgeEditor(L.LightningModule):
         if self.layers != list(range(self.layers[0], self.layers[-1] + 1)):
             raise ValueError(f"layers must be a window of consecutive layers, got {layers}")
         self.z_layer = self.layers[-1] if z_layer is None else z_layer
-        self.solver = solver
-        self.target = target
-        self.key_stats = key_stats
+        self.solver, self.target, self.key_stats, self.evaluation = solver, target, key_stats, evaluation
         self.model, self.tokenizer = load_model_and_tokenizer(model_name_or_path, dtype, trust_remote_code)
         self.lm = LocatedModel(self.model)
         self.lm.check_layers(self.layers + [self.z_layer])
@@ -80,7 +109,14 @@ class KnowledgeEditor(L.LightningModule):
         self.projectors: dict[int, torch.Tensor] = {}
         self.original_norms = {l: self.lm.weight_out_in(l).norm().item() for l in self.layers}
         self.pre_scores, self.post_scores, self.val_scores = CounterFactScores(), CounterFactScores(), CounterFactScores()
-        self.batch_stats: list[dict] = []
+        self.pre_entropy, self.post_entropy = GenerationEntropy(), GenerationEntropy()
+        self.history: list[dict] = []  # one record per edit batch
+        self.retention: list[dict] = []  # scores of the requests edited so far, every N batches
+        self.downstream_history: list[dict] = []  # filled by DownstreamEvaluation
+        self.natural_probs: list[float] = []  # P(true object) on the unedited model, per request
+        self.target_probs: list[float] = []  # P(new target) when its z optimisation stopped
+        self.z_steps: list[int] = []
+        self.generation_prompt_list: list[str] = []
 
     # Lightning hooks --------------------------------------------------------------------------
 
@@ -102,35 +138,97 @@ class KnowledgeEditor(L.LightningModule):
 
     def on_train_start(self) -> None:
         requests = self.trainer.datamodule.requests
-        self.pre_scores.update(score_requests(self.lm, self.tokenizer, requests, self.hparams.eval_batch_size, "pre-edit evaluation"))
+        scores = self.score(requests, "pre-edit evaluation")
+        self.pre_scores.update(scores)
+        self.natural_probs = scores["true_prob"].tolist()
+        self.generation_prompt_list = self.pick_generation_prompts(requests)
+        if self.generation_prompt_list:
+            self.pre_entropy.update(self.entropies(self.generation_prompt_list))
 
     def training_step(self, batch: list[EditRequest], batch_idx: int) -> dict:
         start = time.perf_counter()
         tv = compute_target_vectors(self.lm, self.tokenizer, batch, self.context_prefixes, self.z_layer, self.target)
         return {"z": tv.z, "steps": tv.steps, "target_prob": tv.target_prob, "start": start}
 
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        """After the update (callbacks run first): record diagnostics; score retention if due."""
+        record = self.history[-1]
+        record["mlp_residual_ratio"] = {
+            str(l): v for l, v in mlp_residual_ratio(self.lm, self.tokenizer, probe_texts(self.evaluation.probe_file), self.layers).items()
+        }
+        self.target_probs += outputs["target_prob"].tolist()
+        self.z_steps += outputs["steps"].tolist()
+        log = {f"mlp_residual_ratio/layer_{l}": v for l, v in record["mlp_residual_ratio"].items()}
+        log.update({f"weight_norm_ratio/layer_{l}": v for l, v in record["weight_norm_ratio"].items()})
+        every = self.evaluation.every_n_batches
+        if every and (batch_idx + 1) % every == 0:
+            requests = self.sample(self.edited, self.evaluation.retention_sample, salt=batch_idx)
+            scores = CounterFactScores()
+            scores.update(self.score(requests))
+            point = {"num_edits": len(self.edited), **scores.compute()}
+            self.retention.append(point)
+            log.update({f"retention/{k}": v for k, v in point.items() if k != "num_edits"})
+        self.log_dict(log, on_step=True, on_epoch=False, batch_size=len(batch))
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_histogram"):
+            experiment.add_histogram("edit/target_prob_at_stop", outputs["target_prob"], len(self.edited))
+            experiment.add_histogram("edit/z_steps", outputs["steps"].float(), len(self.edited))
+
     def on_train_end(self) -> None:
-        scores = score_requests(self.lm, self.tokenizer, self.edited, self.hparams.eval_batch_size, "post-edit evaluation")
-        self.post_scores.update(scores)
+        requests = self.sample(self.edited, None, fraction=self.evaluation.final_fraction)
+        self.post_scores.update(self.score(requests, "post-edit evaluation"))
+        if self.generation_prompt_list:
+            self.post_entropy.update(self.entropies(self.generation_prompt_list))
         self.write_results()
 
     def validation_step(self, batch: list[EditRequest], batch_idx: int) -> None:
-        self.val_scores.update(score_requests(self.lm, self.tokenizer, batch, self.hparams.eval_batch_size))
+        self.val_scores.update(self.score(batch))
 
     def on_validation_epoch_end(self) -> None:
         scores = self.val_scores.compute()
-        self.log_dict({f"val/{k}": v for k, v in scores.items()}, rank_zero_only=True)
+        self.log_dict({f"val/{k}": v for k, v in scores.items()})
         self.val_scores.reset()
         if self.trainer.is_global_zero:
             print(format_table({"model": scores}))
 
+    # Evaluation helpers -----------------------------------------------------------------------
+
+    def score(self, requests: list[EditRequest], desc: Optional[str] = None) -> dict[str, torch.Tensor]:
+        return score_requests(self.lm, self.tokenizer, requests, self.evaluation.batch_size, desc)
+
+    def sample(self, requests: list, size: Optional[int], fraction: float = 1.0, salt: int = 0) -> list:
+        """A seeded sample of `requests` (in their order): `size` of them, or a `fraction`."""
+        n = len(requests) if size is None else min(size, len(requests))
+        n = min(n, max(1, round(fraction * len(requests))))
+        if n >= len(requests):
+            return list(requests)
+        keep = sorted(random.Random(self.hparams.seed * 1000003 + salt).sample(range(len(requests)), n))
+        return [requests[i] for i in keep]
+
+    def pick_generation_prompts(self, requests: list[EditRequest]) -> list[str]:
+        count = self.evaluation.generation_prompts
+        if not count:
+            return []
+        own = [p for r in requests for p in r.generation_prompts]
+        if not own and self.evaluation.generation_prompts_file:
+            own = json.loads(Path(self.evaluation.generation_prompts_file).read_text())
+            if not isinstance(own, list) or not all(isinstance(p, str) for p in own):
+                raise ValueError(f"{self.evaluation.generation_prompts_file}: expected a JSON list of strings")
+        if not own:
+            raise ValueError("evaluation.generation_prompts > 0 but the requests carry no generation prompts; "
+                             "set evaluation.generation_prompts_file")
+        return self.sample(own, count, salt=-1)
+
+    def entropies(self, prompts: list[str]) -> torch.Tensor:
+        texts = generate_texts(self.lm, self.tokenizer, prompts, self.evaluation.generation_length, seed=self.hparams.seed)
+        return torch.tensor([n_gram_entropy(t) for t in texts])
+
     # Results ----------------------------------------------------------------------------------
 
     def results(self) -> dict:
-        edit_seconds = sum(b["seconds"] for b in self.batch_stats)
-        steps = [s for b in self.batch_stats for s in b["steps"]]
+        edit_seconds = sum(b["seconds"] for b in self.history)
         n = len(self.edited)
-        return {
+        results = {
             "method": self.solver.method,
             "model": self.hparams.model_name_or_path,
             "num_edits": n,
@@ -139,17 +237,38 @@ class KnowledgeEditor(L.LightningModule):
             "pre": self.pre_scores.compute(),
             "edit_seconds": edit_seconds,
             "seconds_per_edit": edit_seconds / max(n, 1),
-            "mean_z_steps": sum(steps) / max(len(steps), 1),
+            "mean_z_steps": sum(self.z_steps) / max(len(self.z_steps), 1),
             "weight_norms": {
                 self.lm.down_proj_name(l): [self.original_norms[l], self.lm.weight_out_in(l).norm().item()]
                 for l in self.layers
             },
-            "layers": self.layers,
-            "z_layer": self.z_layer,
-            "solver": asdict(self.solver),
-            "target": asdict(self.target),
-            "context_prefixes": self.context_prefixes,
         }
+        if self.generation_prompt_list:
+            results["generation_entropy"] = self.post_entropy.compute().item()
+            results["pre"]["generation_entropy"] = self.pre_entropy.compute().item()
+        if self.edited and all(r.kind == "zsre" for r in self.edited):
+            for name in ("efficacy", "paraphrase", "neighborhood"):  # zsRE scores are token accuracies
+                results[f"{'rewrite' if name == 'efficacy' else name}_accuracy"] = results[f"{name}_score"]
+        if self.downstream_history:
+            first, last = self.downstream_history[0], self.downstream_history[-1]
+            tasks = [k for k in first if k not in ("num_edits", "perplexity")]
+            results["downstream"] = {t: {"pre": first[t], "post": last[t]} for t in tasks}
+            if "perplexity" in first:
+                results["perplexity"] = {"pre": first["perplexity"], "post": last["perplexity"]}
+        results.update(
+            layers=self.layers,
+            z_layer=self.z_layer,
+            history=self.history,
+            retention=self.retention,
+            downstream_history=self.downstream_history,
+            target_probs=self.target_probs,
+            natural_probs=self.natural_probs,
+            z_steps=self.z_steps,
+            solver=asdict(self.solver),
+            target=asdict(self.target),
+            context_prefixes=self.context_prefixes,
+        )
+        return results
 
     def write_results(self) -> None:
         if not self.trainer.is_global_zero:
@@ -158,8 +277,7 @@ class KnowledgeEditor(L.LightningModule):
         log_dir = Path(self.trainer.log_dir or ".")
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "results.json").write_text(json.dumps(results, indent=2))
-        post = {k: results[k] for k in ("efficacy_score", "paraphrase_score", "neighborhood_score", "overall_score")}
-        print(format_table({"pre-edit": results["pre"], "post-edit": post}))
+        print(format_table({"pre-edit": results["pre"], "post-edit": results}))
         print(
             f"{results['num_edits']} edits with {results['method']} in {results['edit_seconds']:.1f} s "
             f"({results['seconds_per_edit']:.2f} s/edit, {results['mean_z_steps']:.1f} z steps on average)"
@@ -175,6 +293,8 @@ class KnowledgeEditor(L.LightningModule):
 
 def format_table(rows: dict[str, dict]) -> str:
     cols = [("ES", "efficacy_score"), ("PS", "paraphrase_score"), ("NS", "neighborhood_score"), ("Overall", "overall_score")]
+    if all("generation_entropy" in r for r in rows.values()):
+        cols.append(("Entropy", "generation_entropy"))
     lines = [f"| {'':10} | " + " | ".join(f"{c:>7}" for c, _ in cols) + " |", "|" + "-" * 12 + "|" + "|".join("-" * 9 for _ in cols) + "|"]
     for name, r in rows.items():
         lines.append(f"| {name:10} | " + " | ".join(f"{r[k]:7.1f}" for _, k in cols) + " |")

@@ -29,13 +29,22 @@ def test_fit_on_tiny_model_writes_results(tiny_llama_dir, tmp_path, method, monk
         f"--model.solver.method={method}", "--model.solver.lambda_p=10", "--model.target.v_num_grad_steps=4",
         "--model.key_stats.num_tokens=512", "--model.key_stats.seq_len=64",
         "--data.num_edits=6", "--data.batch_size=3", f"--trainer.default_root_dir={tmp_path}",
+        "--model.evaluation.every_n_batches=1", "--model.evaluation.generation_prompts=2",
+        "--model.evaluation.generation_length=20",
         cwd=tmp_path,
     )
     run_dir = tmp_path / "lightning_logs" / "version_0"
     results = json.loads((run_dir / "results.json").read_text())
     assert RESULT_KEYS <= set(results)
     assert results["method"] == method and results["num_edits"] == 6 and results["batch_size"] == 3
-    assert set(results["pre"]) == {"efficacy_score", "paraphrase_score", "neighborhood_score", "overall_score"}
+    assert {"efficacy_score", "paraphrase_score", "neighborhood_score", "overall_score",
+            "efficacy_magnitude", "paraphrase_magnitude", "neighborhood_magnitude"} <= set(results["pre"])
+    # The run's history: one record per batch, the retention curve every batch, per-request lists.
+    assert [h["num_edits"] for h in results["history"]] == [3, 6]
+    assert set(results["history"][0]["mlp_residual_ratio"]) == {"1", "2"}
+    assert [r["num_edits"] for r in results["retention"]] == [3, 6]
+    assert len(results["z_steps"]) == len(results["target_probs"]) == len(results["natural_probs"]) == 6
+    assert results["generation_entropy"] > 0 and results["pre"]["generation_entropy"] > 0
     norms = results["weight_norms"]
     assert set(norms) == {"model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"}
     assert all(before != after for before, after in norms.values())  # the weights were edited

@@ -1,6 +1,10 @@
+import pytest
 import torch
 
-from encore_pl.metrics import CounterFactScores, EditScore, OverallScore
+import math
+
+from encore_pl.evaluation import n_gram_entropy
+from encore_pl.metrics import CounterFactScores, EditScore, GenerationEntropy, OverallScore
 
 
 def test_edit_score_is_mean_of_per_case_scores_in_percent():
@@ -22,9 +26,23 @@ def test_overall_is_harmonic_mean():
 
 def test_counterfact_scores_together():
     s = CounterFactScores()
-    s.update({"efficacy": torch.tensor([1.0, 0.0]), "paraphrase": torch.tensor([1.0, 1.0]), "neighborhood": torch.tensor([0.5, 0.5])})
+    s.update({"efficacy": torch.tensor([1.0, 0.0]), "paraphrase": torch.tensor([1.0, 1.0]), "neighborhood": torch.tensor([0.5, 0.5]),
+              "efficacy_magnitude": torch.tensor([0.3, -0.1]), "paraphrase_magnitude": torch.tensor([0.2, 0.0]),
+              "neighborhood_magnitude": torch.tensor([0.05, 0.15])})
     out = s.compute()
-    assert out == {"efficacy_score": 50.0, "paraphrase_score": 100.0, "neighborhood_score": 50.0,
-                   "overall_score": 3 / (1 / 50 + 1 / 100 + 1 / 50)}
+    assert out == pytest.approx({"efficacy_score": 50.0, "paraphrase_score": 100.0, "neighborhood_score": 50.0,
+                                 "overall_score": 3 / (1 / 50 + 1 / 100 + 1 / 50), "efficacy_magnitude": 10.0,
+                                 "paraphrase_magnitude": 10.0, "neighborhood_magnitude": 10.0})
     s.reset()
     assert s.compute()["efficacy_score"] == 0.0
+
+
+def test_generation_entropy_by_hand():
+    # "a b a b": bigrams ab, ba, ab -> H2 = -(2/3 log2 2/3 + 1/3 log2 1/3); trigrams aba, bab -> H3 = 1.
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    want = (2 / 3 * h2 + 4 / 3 * 1.0) / 2
+    assert n_gram_entropy("a b a b") == pytest.approx(want)
+    assert n_gram_entropy("same same same same") == 0.0
+    m = GenerationEntropy()
+    m.update(torch.tensor([n_gram_entropy("a b a b"), 0.0]))
+    assert m.compute().item() == pytest.approx(100 * want / 2)

@@ -1,0 +1,487 @@
+"""Downstream abilities of a (possibly edited) model: few-shot GLUE-style tasks, MMLU and perplexity.
+
+Every task is scored the same way, without generation: each item has a prompt and a short list of
+candidate answers (" positive", " Yes", " B", ...); the model's answer is the candidate whose tokens
+get the highest summed log-probability after the prompt (teacher forcing). `k_shot` solved records
+come first in every prompt, then the item itself, as in the ENCORE/EMMET `glue_eval` evaluation.
+
+Tasks and F1 conventions (F1 and accuracy are reported in percent):
+
+    sst2  "Review: ...\\nSentiment:"                       [" negative", " positive"]  F1 of positive (1)
+    mrpc  "Sentence 1/2: ...\\nDo both sentences mean ..."  [" No", " Yes"]            F1 of equivalent (1)
+    cola  "Sentence: ...\\nIs this sentence grammatically"  [" No", " Yes"]            F1 of acceptable (1)
+    rte   "Premise: ...\\nHypothesis: ...\\nDoes the ..."   [" Yes", " No"]            F1 of entailment
+    nli   same prompt as rte                                [" Yes", " No"]            F1 of entailment
+    mmlu  question, "A. .. D. ..", "Answer:"                [" A", " B", " C", " D"]   macro-F1
+
+RTE stores labels as GLUE does (0 = entailment, 1 = not_entailment), NLI as the strings
+"entailment" / "not_entailment"; for both, "entailment" (the answer " Yes") is the positive class.
+
+The data are JSON lists of records, one file per task (`<data_dir>/<task>.json`), by default
+`../shared/data/encore-eval/glue_eval/` next to the repository (or under `$ENCORE_PL_SHARED_DATA`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .keys import pad_right
+from .prompts import encode_target
+
+SHOT_SEPARATOR = "\n\n"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One task item: the prompt (no answer), the candidate answers, and the correct one's index."""
+
+    prompt: str
+    candidates: tuple[str, ...]
+    answer: int
+
+    def solved(self) -> str:
+        """The prompt followed by its correct answer, as used for a few-shot demonstration."""
+        return self.prompt + self.candidates[self.answer]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A downstream task: how a record becomes an `Example`, and which F1 to report."""
+
+    name: str
+    convert: Callable[[dict], Example]
+    positive: int | None  # candidate index of the positive class (binary F1); None: macro-F1
+    num_candidates: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Record conversion. Each converter raises ValueError with a plain reason on a malformed record.
+
+
+def _text(record: dict, key: str) -> str:
+    if key not in record:
+        raise ValueError(f"missing field {key!r}")
+    value = record[key]
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"field {key!r} must be a non-empty string, got {_short(value)}")
+    return value.strip()  # SST-2 sentences end with a stray space
+
+
+def _int_label(record: dict, key: str, n: int) -> int:
+    if key not in record:
+        raise ValueError(f"missing field {key!r}")
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+        raise ValueError(f"field {key!r} must be an integer in 0..{n - 1}, got {_short(value)}")
+    return value
+
+
+def _short(value: object, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _sst2(r: dict) -> Example:
+    prompt = f"Review: {_text(r, 'sentence')}\nSentiment:"
+    return Example(prompt, (" negative", " positive"), _int_label(r, "label", 2))
+
+
+def _mrpc(r: dict) -> Example:
+    prompt = (
+        f"Sentence 1: {_text(r, 'sentence1')}\nSentence 2: {_text(r, 'sentence2')}\n"
+        "Do both sentences mean the same thing? Answer:"
+    )
+    return Example(prompt, (" No", " Yes"), _int_label(r, "label", 2))
+
+
+def _cola(r: dict) -> Example:
+    prompt = f"Sentence: {_text(r, 'sentence')}\nIs this sentence grammatically acceptable? Answer:"
+    return Example(prompt, (" No", " Yes"), _int_label(r, "label", 2))
+
+
+def _entailment_prompt(r: dict) -> str:
+    return (
+        f"Premise: {_text(r, 'sentence1')}\nHypothesis: {_text(r, 'sentence2')}\n"
+        "Does the premise entail the hypothesis? Answer:"
+    )
+
+
+def _rte(r: dict) -> Example:
+    # GLUE RTE: 0 = entailment -> " Yes" (index 0), 1 = not_entailment -> " No" (index 1)
+    return Example(_entailment_prompt(r), (" Yes", " No"), _int_label(r, "label", 2))
+
+
+NLI_LABELS = {"entailment": 0, "not_entailment": 1}
+
+
+def _nli(r: dict) -> Example:
+    prompt = _entailment_prompt(r)
+    if "label" not in r:
+        raise ValueError("missing field 'label'")
+    label = r["label"]
+    if not isinstance(label, str) or label not in NLI_LABELS:
+        raise ValueError(f"field 'label' must be one of {sorted(NLI_LABELS)}, got {_short(label)}")
+    return Example(prompt, (" Yes", " No"), NLI_LABELS[label])
+
+
+MMLU_LETTERS = ("A", "B", "C", "D")
+
+
+def _mmlu(r: dict) -> Example:
+    question = _text(r, "question")
+    choices = r.get("choices")
+    if not isinstance(choices, list) or len(choices) != 4 or not all(isinstance(c, str) for c in choices):
+        raise ValueError(f"field 'choices' must be a list of 4 strings, got {_short(choices)}")
+    lines = [f"{letter}. {choice.strip()}" for letter, choice in zip(MMLU_LETTERS, choices)]
+    prompt = question + "\n" + "\n".join(lines) + "\nAnswer:"
+    return Example(prompt, tuple(" " + letter for letter in MMLU_LETTERS), _int_label(r, "answer", 4))
+
+
+TASKS: dict[str, Task] = {
+    "sst2": Task("sst2", _sst2, positive=1, num_candidates=2),
+    "mrpc": Task("mrpc", _mrpc, positive=1, num_candidates=2),
+    "cola": Task("cola", _cola, positive=1, num_candidates=2),
+    "rte": Task("rte", _rte, positive=0, num_candidates=2),  # entailment = " Yes"
+    "nli": Task("nli", _nli, positive=0, num_candidates=2),  # entailment = " Yes"
+    "mmlu": Task("mmlu", _mmlu, positive=None, num_candidates=4),
+}
+
+
+def get_task(task: str | Task) -> Task:
+    """The registered task of that name (a `Task` is returned unchanged)."""
+    if isinstance(task, Task):
+        return task
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+    return TASKS[task]
+
+
+def convert_record(task: str | Task, record: dict) -> Example:
+    """Turn one record into an `Example` (ValueError with the reason if the record is malformed)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
+    return get_task(task).convert(record)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def default_data_dir() -> Path:
+    """`$ENCORE_PL_SHARED_DATA/encore-eval/glue_eval`, by default `../shared/data/...` next to the repo."""
+    repo = Path(__file__).resolve().parents[1]
+    shared = os.environ.get("ENCORE_PL_SHARED_DATA") or repo.parent / "shared" / "data"
+    return Path(shared) / "encore-eval" / "glue_eval"
+
+
+def _validate(task: Task, records: list, source: str) -> list[dict]:
+    for i, record in enumerate(records):
+        try:
+            convert_record(task, record)
+        except ValueError as err:
+            raise ValueError(f"{source}: record {i}: {err}") from None
+    return records
+
+
+def load_task(name: str, data_dir: str | Path | None = None, dataset: str | None = None) -> list[dict]:
+    """Records of a task, in file order, each checked to convert into an `Example`.
+
+    From `<data_dir>/<name>.json` (a JSON list of objects), or, when `dataset` is given, from the
+    `datasets` library: `dataset` is "path[:config]:split", e.g. "nyu-mll/glue:sst2:validation"
+    (the records must have this module's field names).
+    """
+    task = get_task(name)
+    if dataset is not None:
+        import datasets
+
+        parts = dataset.split(":")
+        if len(parts) not in (2, 3):
+            raise ValueError(f"dataset must be 'path[:config]:split', got {dataset!r}")
+        path, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+        records = [dict(r) for r in datasets.load_dataset(path, config, split=split)]
+        return _validate(task, records, dataset)
+
+    path = Path(data_dir) if data_dir is not None else default_data_dir()
+    path = path / f"{task.name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no data for task {task.name!r}: {path} does not exist")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    return _validate(task, records, str(path))
+
+
+def few_shot_prompts(
+    records: Sequence[dict], task: str | Task, k_shot: int, n_items: int | None
+) -> list[Example]:
+    """The items to score: records[k_shot : k_shot + n_items], each prompt preceded by the shots.
+
+    The shots are records[:k_shot], each written with its correct answer; shots and the item are
+    separated by blank lines. `n_items=None` scores every remaining record.
+    """
+    task = get_task(task)
+    if k_shot < 0:
+        raise ValueError(f"k_shot must be >= 0, got {k_shot}")
+    if n_items is None:
+        n_items = len(records) - k_shot
+    if n_items < 1 or k_shot + n_items > len(records):
+        raise ValueError(
+            f"task {task.name!r}: {k_shot} shots + {n_items} items need {k_shot + n_items} records, "
+            f"there are {len(records)}"
+        )
+
+    def example(i: int) -> Example:
+        try:
+            return convert_record(task, records[i])
+        except ValueError as err:
+            raise ValueError(f"task {task.name!r}: record {i}: {err}") from None
+
+    context = "".join(example(i).solved() + SHOT_SEPARATOR for i in range(k_shot))
+    items = []
+    for i in range(k_shot, k_shot + n_items):
+        ex = example(i)
+        items.append(Example(context + ex.prompt, ex.candidates, ex.answer))
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _f1(gold: Sequence[int], pred: Sequence[int], label: int) -> float:
+    """F1 of one class: 2 TP / (2 TP + FP + FN), 0 if the class is neither gold nor predicted."""
+    tp = sum(g == label and p == label for g, p in zip(gold, pred))
+    fp = sum(g != label and p == label for g, p in zip(gold, pred))
+    fn = sum(g == label and p != label for g, p in zip(gold, pred))
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def binary_f1(gold: Sequence[int], pred: Sequence[int], positive: int = 1) -> float:
+    """F1 (in [0, 1]) of the positive class; 0 when it is never predicted (or never correct)."""
+    if len(gold) != len(pred):
+        raise ValueError(f"{len(gold)} gold labels but {len(pred)} predictions")
+    return _f1(gold, pred, positive)
+
+
+def macro_f1(gold: Sequence[int], pred: Sequence[int], labels: Sequence[int] | None = None) -> float:
+    """Mean per-class F1 (in [0, 1]) over the classes that occur among the gold labels or predictions.
+
+    A gold class that is never predicted counts with F1 = 0. Classes of `labels` that occur in
+    neither list are left out (their F1 is undefined), as scikit-learn's default does.
+    """
+    if len(gold) != len(pred):
+        raise ValueError(f"{len(gold)} gold labels but {len(pred)} predictions")
+    present = set(gold) | set(pred)
+    classes = [c for c in (labels if labels is not None else sorted(present)) if c in present]
+    return sum(_f1(gold, pred, c) for c in classes) / len(classes) if classes else 0.0
+
+
+def accuracy(gold: Sequence[int], pred: Sequence[int]) -> float:
+    """Fraction (in [0, 1]) of predictions equal to the gold label."""
+    if len(gold) != len(pred):
+        raise ValueError(f"{len(gold)} gold labels but {len(pred)} predictions")
+    return sum(g == p for g, p in zip(gold, pred)) / len(gold) if gold else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off while scoring; the model's train/eval state is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@torch.no_grad()
+def candidate_logprobs(model, tok, examples: Sequence[Example], batch_size: int = 8) -> list[list[float]]:
+    """For each example, the summed log-probability of each candidate's tokens after its prompt.
+
+    A candidate's tokens are those that follow the prompt's tokens in `prompt + candidate` (the
+    prompt's tokenisation is kept). The model reads `prompt + candidate[:-1]`; sequences shared by
+    several candidates (all single-token candidates of an item) are run once. Sequences are sorted
+    by length and batched with right padding and an attention mask.
+    """
+    # the fed sequences, deduplicated; each candidate: (sequence index, first position, token ids)
+    sequences: list[list[int]] = []
+    seq_index: dict[tuple[int, ...], int] = {}
+    plans: list[list[tuple[int, int, list[int]]]] = []
+    for ex in examples:
+        prompt_ids = tok(ex.prompt).input_ids
+        plan = []
+        for cand in ex.candidates:
+            cand_ids = encode_target(tok, ex.prompt, cand)
+            if not cand_ids:
+                raise ValueError(f"candidate {cand!r} has no tokens")
+            fed = tuple(prompt_ids + cand_ids[:-1])
+            if fed not in seq_index:
+                seq_index[fed] = len(sequences)
+                sequences.append(list(fed))
+            plan.append((seq_index[fed], len(prompt_ids) - 1, cand_ids))
+        plans.append(plan)
+
+    # (position, token) pairs each sequence must score; the logits at position p predict token p + 1.
+    # Single-token candidates of an item share a position, with different tokens.
+    wanted: list[set[tuple[int, int]]] = [set() for _ in sequences]
+    for plan in plans:
+        for s, start, cand_ids in plan:
+            wanted[s].update((start + j, token) for j, token in enumerate(cand_ids))
+
+    device = _device(model)
+    keep_supported = _accepts_logits_to_keep(model)
+    logprob: list[dict[tuple[int, int], float]] = [{} for _ in sequences]
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    with _eval_mode(model):
+        for b in range(0, len(order), batch_size):
+            batch = order[b : b + batch_size]
+            ids, mask = pad_right([sequences[i] for i in batch], tok.pad_token_id, device)
+            rows, positions, tokens = [], [], []
+            for row, i in enumerate(batch):
+                for pos, token in sorted(wanted[i]):
+                    rows.append(row), positions.append(pos), tokens.append(token)
+            if keep_supported:
+                # only the logits at the scored positions (saves batch x length x vocab memory)
+                keep = sorted(set(positions))
+                column = {pos: c for c, pos in enumerate(keep)}
+                keep_t = torch.tensor(keep, device=device)
+                out = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep_t, use_cache=False)
+                logits = out.logits
+                cols = [column[p] for p in positions]
+            else:
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                cols = positions
+            picked = logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)].float()
+            token_lp = picked.log_softmax(-1).gather(1, torch.tensor(tokens, device=device)[:, None])[:, 0]
+            for row, pos, token, value in zip(rows, positions, tokens, token_lp.tolist()):
+                logprob[batch[row]][pos, token] = value
+
+    return [
+        [sum(logprob[s][start + j, token] for j, token in enumerate(cand_ids)) for s, start, cand_ids in plan]
+        for plan in plans
+    ]
+
+
+def choose_answers(model, tok, examples: Sequence[Example], batch_size: int = 8) -> list[int]:
+    """Each example's chosen candidate: the highest summed log-probability (ties: the first)."""
+    scores = candidate_logprobs(model, tok, examples, batch_size)
+    return [max(range(len(s)), key=lambda c: (s[c], -c)) for s in scores]
+
+
+def score_task(
+    model, tok, name: str, records: Sequence[dict], k_shot: int = 4, n_items: int = 100, batch_size: int = 8
+) -> dict[str, float | int]:
+    """Few-shot score of the model on one task: {"f1", "accuracy"} in percent, and "n" items.
+
+    The first `k_shot` records are the shots, the next `n_items` are scored. F1 is that of the
+    task's positive class (label 1 for sst2/mrpc/cola, entailment for rte/nli) or, for mmlu, the
+    macro-F1 over the four choices.
+    """
+    task = get_task(name)
+    items = few_shot_prompts(records, task, k_shot, n_items)
+    gold = [ex.answer for ex in items]
+    pred = choose_answers(model, tok, items, batch_size)
+    if task.positive is None:
+        f1 = macro_f1(gold, pred, labels=range(task.num_candidates))
+    else:
+        f1 = binary_f1(gold, pred, positive=task.positive)
+    return {"f1": 100.0 * f1, "accuracy": 100.0 * accuracy(gold, pred), "n": len(items)}
+
+
+def evaluate_downstream(
+    model,
+    tok,
+    tasks: Sequence[str],
+    data_dir: str | Path | None = None,
+    k_shot: int = 4,
+    n_items: int = 100,
+    batch_size: int = 8,
+) -> dict[str, dict[str, float | int]]:
+    """`score_task` on each task, read from `<data_dir>/<task>.json`: {task: {"f1", "accuracy", "n"}}."""
+    return {
+        name: score_task(model, tok, name, load_task(name, data_dir), k_shot, n_items, batch_size)
+        for name in tasks
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity
+
+
+def _first_tokens(tok, text_file: Path, max_tokens: int, margin: int = 32) -> list[int]:
+    """The first `max_tokens` tokens of a text file (no special tokens), reading only a prefix.
+
+    The prefix grows until it tokenises into `max_tokens + margin` tokens, so the token cut by
+    the prefix's end lies beyond the kept ones.
+    """
+    budget = max(4096, 8 * (max_tokens + margin))
+    text = ""
+    with open(text_file, encoding="utf-8") as f:
+        while True:
+            chunk = f.read(budget - len(text))
+            text += chunk
+            at_end = len(text) < budget  # read() returns less than asked only at the end
+            ids = tok(text, add_special_tokens=False, verbose=False).input_ids
+            if at_end or len(ids) >= max_tokens + margin:
+                return ids[:max_tokens]
+            budget *= 2
+
+
+@torch.no_grad()
+def perplexity(
+    model, tok, text_file: str | Path, max_tokens: int = 20000, seq_len: int = 512, batch_size: int = 4
+) -> float:
+    """Perplexity on the first `max_tokens` tokens of a UTF-8 text file.
+
+    The tokens (no special tokens added) are cut into non-overlapping sequences of `seq_len` (the
+    last may be shorter); within each sequence every token but the first is predicted. The result
+    is exp(mean NLL over all predicted tokens).
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    ids = _first_tokens(tok, Path(text_file), max_tokens)
+    chunks = [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
+    chunks = [c for c in chunks if len(c) >= 2]  # a lone last token has nothing to predict from
+    if not chunks:
+        raise ValueError(f"{text_file}: too little text ({len(ids)} tokens) to measure perplexity")
+
+    device = _device(model)
+    total_nll, count = 0.0, 0
+    with _eval_mode(model):
+        for b in range(0, len(chunks), batch_size):
+            batch_ids, mask = pad_right(chunks[b : b + batch_size], tok.pad_token_id, device)
+            logits = model(input_ids=batch_ids, attention_mask=mask, use_cache=False).logits
+            targets = batch_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # padding is not predicted
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+            )
+            total_nll += nll.item()
+            count += int((targets != -100).sum())
+    return math.exp(total_nll / count)

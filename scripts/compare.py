@@ -1,0 +1,121 @@
+"""Compare editing runs in one Markdown table, one row per run, laid out like the paper's tables.
+
+    python scripts/compare.py runs/encore runs/memit runs/alphaedit
+    python scripts/compare.py runs/* --out comparison.md
+
+Columns: method, edits, ES / PS / NS (Efficacy / Paraphrase / Neighborhood Score, %), Overall
+(their harmonic mean, %), Generation Entropy, downstream mean (mean over the downstream tasks of the
+post-edit F1), seconds per edit. A value a run did not record is shown as "–". The method is followed
+by the run directory's name when several runs used the same method.
+
+Exits with code 2, naming the path, when a run directory has no results.json or it is not valid JSON.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+MISSING = "–"
+HEADER = ["method", "edits", "ES", "PS", "NS", "Overall", "Generation Entropy", "downstream mean", "s/edit"]
+
+
+def load_run(path: Path) -> dict:
+    """The run's results.json as a dict; raises ValueError with a message naming the file."""
+    file = path if path.name == "results.json" else path / "results.json"
+    if not file.is_file():
+        raise ValueError(f"{file}: no such file (is {path} a run directory?)")
+    try:
+        results = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: invalid JSON ({e})") from None
+    if not isinstance(results, dict) or "method" not in results:
+        raise ValueError(f"{file}: not an editing run's results (no 'method' key)")
+    return results
+
+
+def run_names(paths: list[Path]) -> list[str]:
+    """Each run directory's name; when names collide (lightning_logs/version_0 twice), the last part
+    of the paths where they differ (e.g. the experiment directory above lightning_logs)."""
+    dirs = [(p.parent if p.name == "results.json" else p).resolve() for p in paths]
+    names = [d.name for d in dirs]
+    if len(set(names)) == len(names):
+        return names
+    k = 1  # skip the trailing path parts all runs share
+    while all(len(d.parts) > k for d in dirs) and len({d.parts[-k] for d in dirs}) == 1:
+        k += 1
+    names = [d.parts[-k] if len(d.parts) >= k else str(d) for d in dirs]
+    return names if len(set(names)) == len(names) else [str(d) for d in dirs]
+
+
+def run_labels(paths: list[Path], runs: list[dict]) -> list[str]:
+    """`method`, or `method (run name)` when the method repeats."""
+    names = run_names(paths)
+    methods = [r["method"] for r in runs]
+    return [m if methods.count(m) == 1 else f"{m} ({n})" for m, n in zip(methods, names)]
+
+
+def fmt(value, digits: int = 1) -> str:
+    return MISSING if value is None else f"{value:.{digits}f}"
+
+
+def downstream_mean(run: dict):
+    """Mean over tasks of the post-edit downstream F1, or None when the run has no downstream scores."""
+    posts = [scores["post"] for scores in (run.get("downstream") or {}).values() if scores.get("post") is not None]
+    return sum(posts) / len(posts) if posts else None
+
+
+def table_row(label: str, run: dict) -> list[str]:
+    return [
+        label,
+        str(run["num_edits"]),
+        fmt(run["efficacy_score"]),
+        fmt(run["paraphrase_score"]),
+        fmt(run["neighborhood_score"]),
+        fmt(run["overall_score"]),
+        fmt(run.get("generation_entropy")),
+        fmt(downstream_mean(run)),
+        fmt(run["seconds_per_edit"], 2),
+    ]
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    """A Markdown table with padded columns: text left-aligned, numbers right-aligned."""
+    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+
+    def line(cells):
+        padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join([":" + "-" * (widths[0] + 1)] + ["-" * (w + 1) + ":" for w in widths[1:]]) + "|"
+    return "\n".join([line(HEADER), rule, *map(line, rows)])
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run directory holding results.json")
+    parser.add_argument("--out", type=Path, metavar="FILE.md", help="also write the table to this file")
+    args = parser.parse_args(argv)
+
+    try:
+        runs = [load_run(p) for p in args.runs]
+    except ValueError as e:
+        parser.error(str(e))  # exits with code 2
+    rows = []
+    for path, label, run in zip(args.runs, run_labels(args.runs, runs), runs):
+        try:
+            rows.append(table_row(label, run))
+        except KeyError as e:
+            parser.error(f"{path}: results.json lacks the key {e}")
+
+    table = markdown_table(rows)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return table
+
+
+if __name__ == "__main__":
+    main()
