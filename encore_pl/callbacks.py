@@ -8,10 +8,12 @@ previous keys.
 """
 
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 import lightning as L
 import torch
+from tqdm.auto import tqdm
 
 from .data import EditRequest
 from .keys import compute_keys
@@ -81,3 +83,75 @@ class LeastSquaresUpdate(L.Callback):
             log[f"weight_norm/layer_{layer}"] = norms[layer]
             log[f"increment_norm/layer_{layer}"] = d.norm().item()
         m.log_dict(log, on_step=True, on_epoch=False, batch_size=len(batch))
+
+
+class DownstreamEvaluation(L.Callback):
+    """Few-shot downstream ability and perplexity, before the first batch and every N batches.
+
+    Each task's answer is chosen by comparing the log-probabilities of its label words after a
+    k-shot prompt (more reliable on small models than parsing generated text). Scores go to
+    TensorBoard (against the number of edits) and to results.json (`downstream`, `perplexity`,
+    `downstream_history`).
+    """
+
+    def __init__(
+        self,
+        every_n_batches: int = 2,
+        tasks: list[str] = ["sst2", "mrpc", "cola", "rte", "nli", "mmlu"],
+        data_dir: Optional[str] = None,
+        k_shot: int = 4,
+        n_items: int = 100,
+        perplexity_file: Optional[str] = None,
+        perplexity_tokens: int = 20000,
+        batch_size: int = 8,
+    ):
+        """
+        Args:
+            every_n_batches: evaluate after every N edit batches (and before the first, and after the last).
+            tasks: among sst2, mrpc, cola, rte, nli, mmlu.
+            data_dir: folder of `<task>.json` files (default: ../shared/data/encore-eval/glue_eval,
+                or $ENCORE_PL_SHARED_DATA/encore-eval/glue_eval).
+            k_shot: shots per prompt, taken from the first records of each task.
+            n_items: items scored per task, the ones after the shots.
+            perplexity_file: held-out text for perplexity (None = no perplexity).
+            perplexity_tokens: tokens of that file to use.
+            batch_size: sequences per forward pass.
+        """
+        self.every_n_batches = every_n_batches
+        self.tasks = list(tasks)
+        self.data_dir = data_dir
+        self.k_shot, self.n_items, self.batch_size = k_shot, n_items, batch_size
+        self.perplexity_file, self.perplexity_tokens = perplexity_file, perplexity_tokens
+        self.records: dict[str, list[dict]] = {}
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from .downstream import load_task
+
+        self.records = {t: load_task(t, self.data_dir) for t in self.tasks}  # fail early on bad data
+        if self.perplexity_file and not Path(self.perplexity_file).exists():
+            raise FileNotFoundError(f"perplexity_file {self.perplexity_file!r} does not exist")
+
+    def evaluate(self, trainer, pl_module) -> None:
+        from .downstream import perplexity, score_task
+
+        point = {"num_edits": len(pl_module.edited)}
+        model, tok = pl_module.model, pl_module.tokenizer
+        for task in tqdm(self.tasks, desc=f"downstream evaluation at {point['num_edits']} edits", leave=False):
+            point[task] = score_task(model, tok, task, self.records[task], self.k_shot, self.n_items, self.batch_size)["f1"]
+        if self.perplexity_file:
+            point["perplexity"] = perplexity(model, tok, self.perplexity_file, self.perplexity_tokens, batch_size=self.batch_size)
+        pl_module.downstream_history.append(point)
+        if trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_metrics({f"downstream/{k}": v for k, v in point.items() if k != "num_edits"}, step=point["num_edits"])
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not pl_module.downstream_history:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_batches and (batch_idx + 1) % self.every_n_batches == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if pl_module.downstream_history[-1]["num_edits"] != len(pl_module.edited):
+            self.evaluate(trainer, pl_module)

@@ -123,6 +123,11 @@ class KnowledgeEditor(L.LightningModule):
     def configure_callbacks(self):
         return [LeastSquaresUpdate()]
 
+    def setup(self, stage: str) -> None:
+        # The update must come before any callback that measures the edited model: run it first.
+        callbacks = self.trainer.callbacks
+        callbacks.sort(key=lambda c: not isinstance(c, LeastSquaresUpdate))
+
     def configure_optimizers(self):
         return None  # the model is frozen; each step optimises its own target vectors
 

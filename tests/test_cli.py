@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SHARED_DATA
 
 RESULT_KEYS = {
     "method", "model", "num_edits", "batch_size", "efficacy_score", "paraphrase_score", "neighborhood_score",
@@ -21,16 +21,31 @@ def run(*args, cwd):
     return proc
 
 
+DOWNSTREAM = """
+trainer:
+  callbacks:
+    - class_path: encore_pl.callbacks.DownstreamEvaluation
+      init_args: {{every_n_batches: 1, tasks: [sst2, mmlu], data_dir: {glue}, k_shot: 2, n_items: 4,
+                  perplexity_file: {text}, perplexity_tokens: 256}}
+"""
+
+
 @pytest.mark.parametrize("method", ["encore", "memit", "alphaedit"])
 def test_fit_on_tiny_model_writes_results(tiny_llama_dir, tmp_path, method, monkeypatch):
     monkeypatch.setenv("ENCORE_PL_CACHE", str(tmp_path / "cache"))
+    extra = []
+    if method == "encore" and (SHARED_DATA / "encore-eval").exists():
+        config = tmp_path / "downstream.yaml"
+        config.write_text(DOWNSTREAM.format(glue=SHARED_DATA / "encore-eval" / "glue_eval",
+                                            text=SHARED_DATA / "wikitext-2-pytorch-examples" / "valid.txt"))
+        extra = ["--config", str(config)]
     proc = run(
         "fit", f"--model.model_name_or_path={tiny_llama_dir}", "--model.layers=[1,2]",
         f"--model.solver.method={method}", "--model.solver.lambda_p=10", "--model.target.v_num_grad_steps=4",
         "--model.key_stats.num_tokens=512", "--model.key_stats.seq_len=64",
         "--data.num_edits=6", "--data.batch_size=3", f"--trainer.default_root_dir={tmp_path}",
         "--model.evaluation.every_n_batches=1", "--model.evaluation.generation_prompts=2",
-        "--model.evaluation.generation_length=20",
+        "--model.evaluation.generation_length=20", *extra,
         cwd=tmp_path,
     )
     run_dir = tmp_path / "lightning_logs" / "version_0"
@@ -48,6 +63,10 @@ def test_fit_on_tiny_model_writes_results(tiny_llama_dir, tmp_path, method, monk
     norms = results["weight_norms"]
     assert set(norms) == {"model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"}
     assert all(before != after for before, after in norms.values())  # the weights were edited
+    if extra:  # downstream before the first batch and after each of the two
+        assert [p["num_edits"] for p in results["downstream_history"]] == [0, 3, 6]
+        assert set(results["downstream"]) == {"sst2", "mmlu"} and 0 <= results["downstream"]["sst2"]["post"] <= 100
+        assert results["perplexity"]["pre"] > 1
     assert (run_dir / "config.yaml").exists()
     assert list(run_dir.glob("events.out.tfevents.*"))
     assert "post-edit" in proc.stdout and "results.json" in proc.stdout
