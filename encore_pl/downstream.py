@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from .keys import pad_right
 from .prompts import encode_target
@@ -321,6 +322,17 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
         return False
 
 
+def _common_prefix_length(sequences: list[list[int]]) -> int:
+    first = sequences[0]
+    length = min(len(q) for q in sequences)
+    for q in sequences[1:]:
+        i = 0
+        while i < length and q[i] == first[i]:
+            i += 1
+        length = i
+    return length
+
+
 @torch.no_grad()
 def candidate_logprobs(model, tok, examples: Sequence[Example], batch_size: int = 8) -> list[list[float]]:
     """For each example, the summed log-probability of each candidate's tokens after its prompt.
@@ -358,30 +370,45 @@ def candidate_logprobs(model, tok, examples: Sequence[Example], batch_size: int 
     device = _device(model)
     keep_supported = _accepts_logits_to_keep(model)
     logprob: list[dict[tuple[int, int], float]] = [{} for _ in sequences]
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    # The k-shot context is the same for every item: run the common token prefix once and reuse
+    # its key/value cache (it ends before the first scored position, so every score is recomputed).
+    shared = _common_prefix_length(sequences)
+    shared = min([shared] + [pos for w in wanted for pos, _ in w])
+    prefix_kv = None
     with _eval_mode(model):
+        if shared > 0:
+            out = model(input_ids=torch.tensor([sequences[0][:shared]], device=device), use_cache=True)
+            prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         for b in range(0, len(order), batch_size):
             batch = order[b : b + batch_size]
-            ids, mask = pad_right([sequences[i] for i in batch], tok.pad_token_id, device)
+            ids, mask = pad_right([sequences[i][shared:] for i in batch], tok.pad_token_id, device)
             rows, positions, tokens = [], [], []
             for row, i in enumerate(batch):
                 for pos, token in sorted(wanted[i]):
-                    rows.append(row), positions.append(pos), tokens.append(token)
+                    rows.append(row), positions.append(pos - shared), tokens.append(token)
+            inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": prefix_kv is not None}
+            if prefix_kv is not None:
+                n = len(batch)
+                inputs["past_key_values"] = DynamicCache(
+                    ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix_kv],
+                    config=model.config,
+                )
+                inputs["attention_mask"] = torch.cat([torch.ones(n, shared, dtype=mask.dtype, device=device), mask], 1)
+                inputs["position_ids"] = shared + torch.arange(ids.shape[1], device=device).expand(n, -1)
             if keep_supported:
                 # only the logits at the scored positions (saves batch x length x vocab memory)
                 keep = sorted(set(positions))
                 column = {pos: c for c, pos in enumerate(keep)}
-                keep_t = torch.tensor(keep, device=device)
-                out = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep_t, use_cache=False)
-                logits = out.logits
+                logits = model(**inputs, logits_to_keep=torch.tensor(keep, device=device)).logits
                 cols = [column[p] for p in positions]
             else:
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                logits = model(**inputs).logits
                 cols = positions
             picked = logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)].float()
             token_lp = picked.log_softmax(-1).gather(1, torch.tensor(tokens, device=device)[:, None])[:, 0]
             for row, pos, token, value in zip(rows, positions, tokens, token_lp.tolist()):
-                logprob[batch[row]][pos, token] = value
+                logprob[batch[row]][pos + shared, token] = value
 
     return [
         [sum(logprob[s][start + j, token] for j, token in enumerate(cand_ids)) for s, start, cand_ids in plan]

@@ -119,8 +119,25 @@ class FullLogits(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask=None, use_cache=False):
-        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+    def forward(self, input_ids, attention_mask=None, use_cache=False, **cache_args):
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **cache_args)
+
+
+def test_shared_few_shot_context_is_computed_once_and_scores_match_direct(model, tok):
+    context = "Review: a dull film.\nSentiment: negative\n\nReview: a joy.\nSentiment: positive\n\n"
+    examples = [
+        ds.Example(context + "Review: " + text + "\nSentiment:", (" negative", " positive", " mixed feelings"), 0)
+        for text in ["fine.", "a long and rather slow story.", "great"]
+    ]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        scores = ds.candidate_logprobs(model, tok, examples, batch_size=2)
+    finally:
+        hook.remove()
+    assert calls[0][0] == 1 and all(shape[1] < calls[0][1] for shape in calls[1:])  # prefix once, then suffixes
+    for ex, got in zip(examples, scores):
+        assert got == pytest.approx([direct_logprob(model, tok, ex.prompt, c) for c in ex.candidates], abs=1e-4)
 
 
 # --- tasks on the shared data ------------------------------------------------------------------
