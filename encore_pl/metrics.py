@@ -47,23 +47,8 @@ class OverallScore(Metric):
         return 3.0 / (1.0 / means).sum()
 
 
-class GenerationEntropy(Metric):
+class GenerationEntropy(EditScore):
     """Mean weighted 2-/3-gram entropy of generated texts, x100 (fluency, as reported in the paper)."""
-
-    full_state_update = False
-    higher_is_better = True
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, entropies: torch.Tensor) -> None:
-        self.total += entropies.double().sum().to(self.total.device)
-        self.count += entropies.numel()
-
-    def compute(self) -> torch.Tensor:
-        return 100.0 * self.total / self.count.clamp(min=1)
 
 
 SCORE_NAMES = ("efficacy", "paraphrase", "neighborhood")

@@ -172,11 +172,13 @@ class KnowledgeEditor(L.LightningModule):
             scores.update(self.score(requests))
             point = {"num_edits": len(self.edited), **scores.compute()}
             self.retention.append(point)
-            log.update({f"retention/{k}": v for k, v in point.items() if k != "num_edits"})
+            if self.logger is not None and self.trainer.is_global_zero:  # plotted against edits
+                self.logger.log_metrics({f"retention/{k}": v for k, v in point.items() if k != "num_edits"}, step=len(self.edited))
         self.log_dict(log, on_step=True, on_epoch=False, batch_size=len(batch))
         experiment = getattr(self.logger, "experiment", None)
-        if hasattr(experiment, "add_histogram"):
+        if hasattr(experiment, "add_histogram") and self.trainer.is_global_zero:
             experiment.add_histogram("edit/target_prob_at_stop", outputs["target_prob"], len(self.edited))
+            experiment.add_histogram("edit/natural_prob_of_true_object", torch.tensor(self.natural_probs), len(self.edited))
             experiment.add_histogram("edit/z_steps", outputs["steps"].float(), len(self.edited))
 
     def on_train_end(self) -> None:

@@ -67,6 +67,14 @@ def test_fit_on_tiny_model_writes_results(tiny_llama_dir, tmp_path, method, monk
         assert [p["num_edits"] for p in results["downstream_history"]] == [0, 3, 6]
         assert set(results["downstream"]) == {"sst2", "mmlu"} and 0 <= results["downstream"]["sst2"]["post"] <= 100
         assert results["perplexity"]["pre"] > 1
+        # figures and the comparison table from this run's output
+        out = tmp_path / "figures"
+        subprocess.run([sys.executable, str(REPO / "scripts" / "plot_run.py"), str(run_dir), "--out", str(out)], check=True)
+        for name in ("norm_growth", "scores", "probabilities", "z_steps", "downstream", "mlp_ratio"):
+            assert (out / f"{name}.png").stat().st_size > 5000, name
+        table = subprocess.run([sys.executable, str(REPO / "scripts" / "compare.py"), str(run_dir)],
+                               check=True, capture_output=True, text=True).stdout
+        assert "| encore" in table and f"{results['efficacy_score']:.1f}" in table
     assert (run_dir / "config.yaml").exists()
     assert list(run_dir.glob("events.out.tfevents.*"))
     assert "post-edit" in proc.stdout and "results.json" in proc.stdout
