@@ -104,6 +104,7 @@ class DownstreamEvaluation(L.Callback):
         perplexity_file: Optional[str] = None,
         perplexity_tokens: int = 20000,
         batch_size: int = 8,
+        hf_datasets: Optional[dict[str, str]] = None,
     ):
         """
         Args:
@@ -116,18 +117,22 @@ class DownstreamEvaluation(L.Callback):
             perplexity_file: held-out text for perplexity (None = no perplexity).
             perplexity_tokens: tokens of that file to use.
             batch_size: sequences per forward pass.
+            hf_datasets: for online users, {task: "path[:config]:split"} read through `datasets`
+                instead of `data_dir` (the records must have the fields of the shipped sets).
         """
         self.every_n_batches = every_n_batches
         self.tasks = list(tasks)
         self.data_dir = data_dir
         self.k_shot, self.n_items, self.batch_size = k_shot, n_items, batch_size
         self.perplexity_file, self.perplexity_tokens = perplexity_file, perplexity_tokens
+        self.hf_datasets = dict(hf_datasets or {})
         self.records: dict[str, list[dict]] = {}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         from .downstream import load_task
 
-        self.records = {t: load_task(t, self.data_dir) for t in self.tasks}  # fail early on bad data
+        # Read and check every task now: bad data fails before any edit is made.
+        self.records = {t: load_task(t, self.data_dir, self.hf_datasets.get(t)) for t in self.tasks}
         if self.perplexity_file and not Path(self.perplexity_file).exists():
             raise FileNotFoundError(f"perplexity_file {self.perplexity_file!r} does not exist")
 
