@@ -46,3 +46,36 @@ def test_unsupported_architecture_names_supported_ones():
 def test_missing_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model_and_tokenizer(str(tmp_path / "nope"))
+
+
+def tiny(model_type: str):
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPTJConfig, GPTJForCausalLM, GPTNeoXConfig,
+                              GPTNeoXForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)
+    if model_type == "gptj":
+        return GPTJForCausalLM(GPTJConfig(vocab_size=64, n_embd=32, n_layer=3, n_head=4, rotary_dim=4, n_positions=64))
+    if model_type == "gpt_neox":
+        return GPTNeoXForCausalLM(GPTNeoXConfig(**small))
+    if model_type == "gemma3_text":
+        return Gemma3ForCausalLM(Gemma3TextConfig(**small, num_key_value_heads=2, head_dim=8))
+    cls, cfg = {"mistral": (MistralForCausalLM, MistralConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}[model_type]
+    return cls(cfg(**small, num_key_value_heads=2))
+
+
+@pytest.mark.parametrize("model_type,name", [
+    ("gptj", "transformer.h.1.mlp.fc_out"), ("gpt_neox", "gpt_neox.layers.1.mlp.dense_4h_to_h"),
+    ("gemma3_text", "model.layers.1.mlp.down_proj"), ("mistral", "model.layers.1.mlp.down_proj"),
+    ("qwen2", "model.layers.1.mlp.down_proj"),
+])
+def test_other_layouts_locate_the_down_matrix(model_type, name):
+    model = tiny(model_type).eval()
+    lm = LocatedModel(model)
+    assert model.config.model_type == model_type and lm.num_layers == 3
+    assert lm.down_proj_name(1) == name and lm.down_proj(1) is model.get_submodule(name)
+    w = lm.weight_out_in(1)
+    assert w.shape == (32, w.shape[1]) and w.shape[1] > 32
+    # the final hidden state and the head give the model's own logits
+    ids = torch.randint(0, 64, (2, 5))
+    hidden, _ = lm.final_hidden(input_ids=ids, use_cache=False)
+    torch.testing.assert_close(lm.logits(hidden), model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
