@@ -11,8 +11,8 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# torch first: a bare `torch` requirement would otherwise pull the CUDA build on CPU machines.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	# torch first: a bare `torch` requirement would otherwise pull the CUDA build on CPU machines.
 	$(BIN)/python -c "import torch" 2>/dev/null || \
 		$(BIN)/pip install "$(TORCH_SPEC)"
 	$(BIN)/pip install -e ".[test]"
