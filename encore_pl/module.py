@@ -281,6 +281,9 @@ class KnowledgeEditor(L.LightningModule):
         if not self.trainer.is_global_zero:
             return
         results = self.results()
+        if self.logger is not None:  # the final scores in TensorBoard too, at 0 and at all edits
+            self.logger.log_metrics({f"scores/{k}": v for k, v in results["pre"].items()}, step=0)
+            self.logger.log_metrics({f"scores/{k}": results[k] for k in results["pre"]}, step=results["num_edits"])
         log_dir = Path(self.trainer.log_dir or ".")
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "results.json").write_text(json.dumps(results, indent=2))
