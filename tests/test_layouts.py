@@ -1,6 +1,5 @@
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from encore_pl.layouts import LocatedModel
 from encore_pl.models import load_model_and_tokenizer
