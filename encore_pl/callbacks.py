@@ -16,9 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import EditRequest
-from .keys import compute_keys
+from .keys import WindowKeys
 from .layouts import LocatedModel
-from .solvers import alphaedit_update, encore_update
+from .solvers import WoodburySolver
 
 Solve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, resid, keys) -> D
 
@@ -32,14 +32,24 @@ def spread_update(
     z_layer: int,
     z: torch.Tensor,
     solve: Solve,
+    seconds: Optional[dict[str, float]] = None,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Apply the update layer by layer; return {layer: (increment D, keys K [d_ff, n])}."""
+    """Apply the update layer by layer; return {layer: (increment D, keys K [d_ff, n])}.
+
+    `seconds` (if given) accumulates the time spent on "keys" and on "solve".
+    """
     applied = {}
+    seconds = {} if seconds is None else seconds
+    window = WindowKeys(lm, tok, requests, prefixes, z_layer)
     for j, layer in enumerate(layers):
-        keys, current = compute_keys(lm, tok, requests, prefixes, [layer], z_layer)
-        k = keys[layer].T.double()  # [d_ff, n]
+        start = time.perf_counter()
+        keys, current = window.at(layer)
+        k = keys.T.double()  # [d_ff, n]
         resid = (z.to(current.device) - current).T.double() / (len(layers) - j)  # [d_model, n]
+        middle = time.perf_counter()
         d = solve(layer, resid, k)
+        seconds["keys"] = seconds.get("keys", 0.0) + middle - start
+        seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - middle
         if not torch.isfinite(d).all():
             raise FloatingPointError(f"non-finite update for layer {layer}")
         lm.add_to_weight(layer, d)
@@ -48,21 +58,31 @@ def spread_update(
 
 
 class LeastSquaresUpdate(L.Callback):
-    """Applies the solver's closed-form update to the located down matrices after each step."""
+    """Applies the solver's closed-form update to the located down matrices after each step.
+
+    One `WoodburySolver` per edited layer caches that layer's M^-1 across batches. The cache is no
+    state of its own: it is rebuilt from the module's prev_keys buffers (what checkpoints carry).
+    """
+
+    def __init__(self) -> None:
+        self.solvers: dict[int, WoodburySolver] = {}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.solvers = {}  # C0 and prev_keys may be new: rebuild on first use
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         m = pl_module
         cfg = m.solver
 
         def solve(layer: int, resid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-            prev = m.prev_keys(layer) if cfg.use_prev_keys else None
-            if cfg.method == "alphaedit":
-                return alphaedit_update(resid, k, m.projectors[layer].to(k.device), cfg.alphaedit_l2, prev)
-            lambda_n = cfg.lambda_n if cfg.method == "encore" else 0.0
-            return encore_update(resid, k, m.c0[layer].to(k.device), cfg.lambda_p, lambda_n, prev)
+            if layer not in self.solvers:
+                self.solvers[layer] = WoodburySolver(cfg, m.c0[layer], m.projectors.get(layer))
+            return self.solvers[layer].solve(resid, k, m.prev_keys(layer) if cfg.use_prev_keys else None)
 
-        applied = spread_update(m.lm, m.tokenizer, batch, m.context_prefixes, m.layers, m.z_layer, outputs["z"], solve)
+        phases = {"z": outputs["z_seconds"]}
+        applied = spread_update(m.lm, m.tokenizer, batch, m.context_prefixes, m.layers, m.z_layer, outputs["z"], solve, phases)
         for layer, (_, k) in applied.items():
+            self.solvers[layer].absorb(k)
             m.prev_keys(layer).add_(k @ k.T)
         m.edited.extend(batch)
 
@@ -73,6 +93,7 @@ class LeastSquaresUpdate(L.Callback):
             "batch": batch_idx,
             "num_edits": len(m.edited),
             "seconds": seconds,
+            "phase_seconds": phases,  # z optimisation, keys (with residuals), solves
             "z_steps_mean": steps.mean().item(),
             "weight_norm": {str(l): v for l, v in norms.items()},
             "weight_norm_ratio": {str(l): v / m.original_norms[l] for l, v in norms.items()},

@@ -22,13 +22,17 @@ class EditingCLI(LightningCLI):
         )
 
 
-def main(args=None) -> None:
-    # Lightning warnings that describe this design, not a problem: the frozen model is in eval
-    # mode, there is no optimizer (each step optimises its own target vectors), and `fit` has no
-    # validation loop.
+def quiet_lightning_warnings() -> None:
+    """Silence Lightning warnings that describe this design, not a problem: the frozen model is in
+    eval mode, there is no optimizer (each step optimises its own target vectors), and `fit` has
+    no validation loop."""
     for message in (".*configure_optimizers.*returned `None`", ".*module\\(s\\) in eval mode.*",
                     ".*Total length of .* across ranks is zero.*", ".*isinstance\\(treespec, LeafSpec\\).*"):
         warnings.filterwarnings("ignore", message=message)
+
+
+def main(args=None) -> None:
+    quiet_lightning_warnings()
     EditingCLI(
         KnowledgeEditor,
         EditDataModule,

@@ -5,8 +5,10 @@ Step 2 of METHOD.md: the key of a request at a layer is 0.5 * (key in the bare p
 """
 
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
+from torch import nn
 
 from .data import EditRequest
 from .layouts import LocatedModel
@@ -63,6 +65,34 @@ def run_to_stop(lm: LocatedModel, **inputs) -> None:
         pass
 
 
+class Replay(nn.Module):
+    """Stands in for a decoder block whose result is known: returns `output`, or its input if None."""
+
+    def __init__(self, arity: int, output: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.arity = arity  # the real block returns a tuple of this length (0: a bare tensor)
+        self.output = output
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = hidden_states if self.output is None else self.output
+        return (out,) + (None,) * (self.arity - 1) if self.arity else out
+
+
+@contextmanager
+def replayed(lm: LocatedModel, upto: int, arity: int, output: Optional[torch.Tensor] = None):
+    """Blocks 0..upto replaced by stand-ins (block `upto`'s returns `output`); yields that stand-in."""
+    originals = [lm.blocks[i] for i in range(upto + 1)]
+    stand_ins = [Replay(arity) for _ in originals]
+    stand_ins[-1].output = output
+    try:
+        for i, s in enumerate(stand_ins):
+            lm.blocks[i] = s
+        yield stand_ins[-1]
+    finally:
+        for i, b in enumerate(originals):
+            lm.blocks[i] = b
+
+
 @torch.no_grad()
 def compute_keys(
     lm: LocatedModel,
@@ -93,9 +123,75 @@ def compute_keys(
         if z_layer is not None:
             row_outs.append(outputs[z_layer][rows, where].float())
     n, c = len(requests), len(contexts)
-    result = {}
-    for l in layers:
-        k = torch.cat(row_keys[l]).view(n, c, -1)
-        result[l] = 0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1) if c > 1 else k[:, 0]
+    result = {l: _average_over_contexts(torch.cat(row_keys[l]), n, c) for l in layers}
     z_out = torch.cat(row_outs).view(n, c, -1)[:, 0] if z_layer is not None else None
     return result, z_out
+
+
+def _average_over_contexts(k: torch.Tensor, n: int, c: int) -> torch.Tensor:
+    """0.5 * key on the bare prompt + 0.5 * mean key over the context-prefixed prompts."""
+    k = k.view(n, c, -1)
+    return 0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1) if c > 1 else k[:, 0]
+
+
+class WindowKeys:
+    """Keys of the window's layers, one layer at a time, while the window is being updated.
+
+    `at(layer)` returns the keys of `layer` and the output of `z_layer` (bare prompt) on the
+    current model. The caller then updates `layer`'s down matrix, which leaves the input of block
+    `layer` unchanged: it is kept, and the next call starts there instead of at the embeddings.
+    """
+
+    def __init__(self, lm: LocatedModel, tok, requests: list[EditRequest], prefixes: list[str], z_layer: int, batch_size: int = 64):
+        self.lm, self.z_layer = lm, z_layer
+        self.n, self.c = len(requests), 1 + len(prefixes)
+        encoded = [encode(tok, r.prompt, r.subject, prefix=c) for r in requests for c in [""] + list(prefixes)]
+        device = lm.model.device
+        self.chunks = []
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start : start + batch_size]
+            ids, mask = pad_right([e.ids for e in chunk], tok.pad_token_id, device)
+            self.chunks.append((ids, mask, torch.tensor([e.subject_last for e in chunk], device=device)))
+        self.start, self.arity = 0, 0
+        self.saved: list[Optional[torch.Tensor]] = [None] * len(self.chunks)  # input of block `start`
+
+    @torch.no_grad()
+    def at(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys [n, d_ff] of `layer` and the z-layer output [n, d], on the model as it is now."""
+        if layer < self.start or layer > self.z_layer:
+            raise ValueError(f"keys of layer {layer} asked after layer {self.start} (z layer {self.z_layer})")
+        keys, outs = [], []
+        for i, (ids, mask, where) in enumerate(self.chunks):
+            seen = {}
+
+            def keep_input(module, args, kwargs):
+                seen["input"] = args[0] if args else kwargs["hidden_states"]
+
+            def keep_key(module, args):
+                seen["key"] = args[0]
+
+            def keep_output(module, args, output):
+                seen["out"], self.arity = block_output(output), len(output) if isinstance(output, tuple) else 0
+                raise StopForward
+
+            handles = [
+                self.lm.block(layer).register_forward_pre_hook(keep_input, with_kwargs=True),
+                self.lm.down_proj(layer).register_forward_pre_hook(keep_key),
+                self.lm.block(self.z_layer).register_forward_hook(keep_output),
+            ]
+            try:
+                if self.start == 0:
+                    run_to_stop(self.lm, input_ids=ids, attention_mask=mask)
+                else:
+                    with replayed(self.lm, self.start - 1, self.arity, self.saved[i]):
+                        run_to_stop(self.lm, input_ids=ids, attention_mask=mask)
+            finally:
+                for h in handles:
+                    h.remove()
+            rows = torch.arange(len(ids), device=ids.device)
+            keys.append(seen["key"][rows, where].float())
+            outs.append(seen["out"][rows, where].float())
+            self.saved[i] = seen["input"]
+        self.start = layer
+        z_out = torch.cat(outs).view(self.n, self.c, -1)[:, 0]
+        return _average_over_contexts(torch.cat(keys), self.n, self.c), z_out

@@ -25,6 +25,7 @@ from .models import DEFAULT_MODEL, load_model_and_tokenizer
 from .prompts import generate_context_prefixes
 from .solvers import SolverConfig, nullspace_projector
 from .stats import KeyStatistics, compute_key_statistics
+from .reference import reference_target_vectors
 from .target_vectors import TargetOptimization, compute_target_vectors
 
 
@@ -117,6 +118,7 @@ class KnowledgeEditor(L.LightningModule):
         self.target_probs: list[float] = []  # P(new target) when its z optimisation stopped
         self.z_steps: list[int] = []
         self.generation_prompt_list: list[str] = []
+        self.evaluation_seconds: dict[str, float] = {}
 
     # Lightning hooks --------------------------------------------------------------------------
 
@@ -142,6 +144,7 @@ class KnowledgeEditor(L.LightningModule):
             self.projectors = {l: nullspace_projector(c, self.solver.nullspace_threshold) for l, c in self.c0.items()}
 
     def on_train_start(self) -> None:
+        start = time.perf_counter()
         requests = self.trainer.datamodule.requests
         scores = self.score(requests, "pre-edit evaluation")
         self.pre_scores.update(scores)
@@ -149,11 +152,14 @@ class KnowledgeEditor(L.LightningModule):
         self.generation_prompt_list = self.pick_generation_prompts(requests)
         if self.generation_prompt_list:
             self.pre_entropy.update(self.entropies(self.generation_prompt_list))
+        self.evaluation_seconds = {"pre": time.perf_counter() - start}
 
     def training_step(self, batch: list[EditRequest], batch_idx: int) -> dict:
         start = time.perf_counter()
-        tv = compute_target_vectors(self.lm, self.tokenizer, batch, self.context_prefixes, self.z_layer, self.target)
-        return {"z": tv.z, "steps": tv.steps, "target_prob": tv.target_prob, "start": start}
+        optimise = compute_target_vectors if self.target.batched else reference_target_vectors
+        tv = optimise(self.lm, self.tokenizer, batch, self.context_prefixes, self.z_layer, self.target)
+        return {"z": tv.z, "steps": tv.steps, "target_prob": tv.target_prob, "start": start,
+                "z_seconds": time.perf_counter() - start}
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         """After the update (callbacks run first): record diagnostics; score retention if due."""
@@ -182,10 +188,12 @@ class KnowledgeEditor(L.LightningModule):
             experiment.add_histogram("edit/z_steps", outputs["steps"].float(), len(self.edited))
 
     def on_train_end(self) -> None:
+        start = time.perf_counter()
         requests = self.sample(self.edited, None, fraction=self.evaluation.final_fraction)
         self.post_scores.update(self.score(requests, "post-edit evaluation"))
         if self.generation_prompt_list:
             self.post_entropy.update(self.entropies(self.generation_prompt_list))
+        self.evaluation_seconds["post"] = time.perf_counter() - start
         self.write_results()
 
     def validation_step(self, batch: list[EditRequest], batch_idx: int) -> None:
@@ -245,6 +253,10 @@ class KnowledgeEditor(L.LightningModule):
             "edit_seconds": edit_seconds,
             "seconds_per_edit": edit_seconds / max(n, 1),
             "mean_z_steps": sum(self.z_steps) / max(len(self.z_steps), 1),
+            "phase_seconds": {
+                **{k: sum(b["phase_seconds"][k] for b in self.history) for k in ("z", "keys", "solve")},
+                "evaluation": sum(self.evaluation_seconds.values()),  # pre- and post-edit scoring
+            },
             "weight_norms": {
                 self.lm.down_proj_name(l): [self.original_norms[l], self.lm.weight_out_in(l).norm().item()]
                 for l in self.layers

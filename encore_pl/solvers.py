@@ -3,6 +3,10 @@
 Shapes: resid R [d_out, n], keys K [d_ff, n], C0 [d_ff, d_ff], prev = K_prev K_prev^T [d_ff, d_ff].
 Each solver returns the increment D [d_out, d_ff] ("out x in") for one layer; `spread` in the
 callback distributes the residual over the window.
+
+All three are D = R K~^T (M + K~ K~^T)^-1 with an SPD M known before the batch. The plain closed
+forms below factorise the d_ff x d_ff system every batch; `WoodburySolver` caches M^-1 per layer
+and needs only an n x n factorisation per batch (scripts/benchmark_solves.py measures both).
 """
 
 from dataclasses import dataclass
@@ -26,6 +30,13 @@ class SolverConfig:
             sequential MEMIT and ENCORE); False gives plain MEMIT.
         alphaedit_l2: AlphaEdit's ridge term.
         nullspace_threshold: AlphaEdit: eigenvalues of C0 below this span the preserved null space.
+        solve: "woodbury" keeps M^-1 (the system without the current batch) of each edited layer in
+            float64 and updates it by the Woodbury identity: an n x n factorisation per batch instead
+            of a d_ff x d_ff one, for one extra float64 d_ff x d_ff matrix per layer. "cholesky"
+            factorises the whole system every batch (the plain closed forms). Batches with
+            n > d_ff / 4 keys always take the plain path.
+        refactor_every: "woodbury": rebuild M^-1 from the previous keys every this many batches, to
+            bound rounding drift (0 = every batch, i.e. the plain "cholesky" path).
     """
 
     method: Method = "encore"
@@ -34,6 +45,8 @@ class SolverConfig:
     use_prev_keys: bool = True
     alphaedit_l2: float = 10.0
     nullspace_threshold: float = 2e-2
+    solve: Literal["woodbury", "cholesky"] = "woodbury"
+    refactor_every: int = 50
 
 
 def _solve_right(resid_kt: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -72,7 +85,9 @@ def encore_update(
         a = a + lambda_n * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     if prev is not None:
         a = a + prev.double()
-    return _solve_right(r @ k.T, a)
+    if r.shape[0] <= k.shape[1]:
+        return _solve_right(r @ k.T, a)
+    return r @ _solve_right(k.T, a)  # fewer right-hand sides: R (K^T A^-1)
 
 
 def nullspace_projector(c0: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -97,4 +112,84 @@ def alphaedit_update(
     r, k, p = resid.double(), keys.double(), projector.double()
     kk = k @ k.T if prev is None else k @ k.T + prev.double()
     a = kk @ p + l2 * torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
-    return torch.linalg.solve(a.T, (r @ k.T @ p).T).T
+    return r @ torch.linalg.solve(a.T, p @ k).T  # R (K^T P a^-1), n right-hand sides
+
+
+WOODBURY_MAX_N_RATIO = 0.25  # above n / d_ff = 1/4 the plain factorisation is as cheap (see benchmark)
+
+
+class WoodburySolver:
+    """One layer's sequential solve D = R K~^T (M + K~ K~^T)^-1 with M^-1 cached in float64.
+
+    M is the system without the current batch: lambda_p C0 + lambda_n I + prev with K~ = K for
+    ENCORE and MEMIT; P prev P + l2 I with K~ = P K for AlphaEdit (its non-symmetric form
+    D (S P + l2 I) = R K^T P, S = K K^T + prev, has the same solution since D = D P). With
+    X = M^-1 K~ and G = K~^T X: (M + K~ K~^T)^-1 K~ = X (I + G)^-1, an n x n Cholesky. `absorb`
+    adds the batch to M^-1 by the same identity. The cache is not state: it is built from `prev`
+    (the module's prev_keys) on first use, every `refactor_every` batches, and whenever the trace
+    of `prev` shows that prev changed other than by the absorbed batches (e.g. a loaded checkpoint).
+    """
+
+    def __init__(self, cfg: SolverConfig, c0: torch.Tensor, projector: Optional[torch.Tensor] = None):
+        self.cfg, self.c0 = cfg, c0
+        self.projector = projector if cfg.method == "alphaedit" else None
+        self.minv: Optional[torch.Tensor] = None  # M^-1 [d_ff, d_ff], float64
+        self.absorbed = 0  # batches absorbed since the cache was built
+        self.prev_trace = 0.0  # trace(prev) that the cache stands for
+        self.last: Optional[tuple] = None  # (keys, X, cholesky(I + G)) of the last solve, for absorb
+
+    def plain(self, resid: torch.Tensor, keys: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
+        """The plain closed form (one d_ff x d_ff factorisation)."""
+        cfg = self.cfg
+        if cfg.method == "alphaedit":
+            return alphaedit_update(resid, keys, self.projector.to(keys.device), cfg.alphaedit_l2, prev)
+        lambda_n = cfg.lambda_n if cfg.method == "encore" else 0.0
+        return encore_update(resid, keys, self.c0.to(keys.device), cfg.lambda_p, lambda_n, prev)
+
+    def build(self, prev: Optional[torch.Tensor], device: torch.device) -> None:
+        """M^-1 from scratch: Cholesky, then cholesky_inverse."""
+        cfg = self.cfg
+        d_ff = self.c0.shape[0] if self.projector is None else self.projector.shape[0]
+        eye = torch.eye(d_ff, dtype=torch.float64, device=device)
+        if cfg.method == "alphaedit":
+            p = self.projector = self.projector.to(device, torch.float64)
+            m = cfg.alphaedit_l2 * eye + (0 if prev is None else p @ prev.double() @ p)
+        else:
+            lambda_n = cfg.lambda_n if cfg.method == "encore" else 0.0
+            m = cfg.lambda_p * self.c0.to(device, torch.float64) + lambda_n * eye + (0 if prev is None else prev.double())
+        self.minv = torch.cholesky_inverse(torch.linalg.cholesky(m))
+        self.absorbed, self.prev_trace = 0, 0.0 if prev is None else prev.diagonal().sum().item()
+
+    def factor(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """X = M^-1 K~ [d_ff, n] and the Cholesky factor of I + K~^T X [n, n]."""
+        k = keys.double() if self.projector is None else self.projector @ keys.double()
+        x = self.minv @ k
+        return x, torch.linalg.cholesky(torch.eye(k.shape[1], dtype=x.dtype, device=x.device) + k.T @ x)
+
+    def solve(self, resid: torch.Tensor, keys: torch.Tensor, prev: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """D for this batch; `prev` = sum of earlier batches' K K^T (None: not used)."""
+        cfg = self.cfg
+        self.last = None
+        if cfg.solve == "cholesky" or cfg.refactor_every <= 0 or keys.shape[1] > WOODBURY_MAX_N_RATIO * keys.shape[0]:
+            return self.plain(resid, keys, prev)
+        trace = 0.0 if prev is None else prev.diagonal().sum().item()
+        stale = abs(trace - self.prev_trace) > 1e-9 * max(abs(trace), 1.0)
+        if self.minv is None or self.absorbed >= cfg.refactor_every or stale:
+            self.build(prev, keys.device)
+        x, chol = self.factor(keys)
+        self.last = (keys, x, chol)
+        return resid.double() @ torch.cholesky_solve(x.T, chol)  # R (X (I + G)^-1)^T
+
+    def absorb(self, keys: torch.Tensor) -> None:
+        """Add the batch's K~ K~^T to M (call after `solve`, as its K K^T joins prev)."""
+        if not self.cfg.use_prev_keys or self.minv is None:
+            return
+        if self.last is None and keys.shape[1] > WOODBURY_MAX_N_RATIO * keys.shape[0]:
+            self.minv = None  # a large batch: rebuild at the next solve
+            return
+        x, chol = self.last[1:] if self.last is not None and self.last[0] is keys else self.factor(keys)
+        z = torch.linalg.solve_triangular(chol, x.T, upper=False)  # L^-1 X^T
+        self.minv -= z.T @ z  # M^-1 - X (I + G)^-1 X^T
+        self.absorbed += 1
+        self.prev_trace += keys.double().square().sum().item()
+        self.last = None

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .keys import capture, run_to_stop
+from .keys import StopForward, run_to_stop
 from .layouts import LocatedModel
 from .models import cache_dir
 
@@ -41,6 +41,9 @@ class KeyStatistics:
         batch_size: sequences per forward pass.
         seed: seed of the model-sampled corpus.
         dtype: dtype of the stored C0.
+        compute_dtype: run the pass under autocast in this dtype, e.g. "bfloat16": 1.5x as fast
+            here (AVX512-BF16 CPU; more on recent GPUs), at a relative (Frobenius) error of C0 of
+            about 5e-3 on SmolLM2. None: the model's own dtype. Sums are always float64.
     """
 
     files: list[str] = field(default_factory=list)
@@ -52,6 +55,7 @@ class KeyStatistics:
     batch_size: int = 8
     seed: int = 0
     dtype: str = "float32"
+    compute_dtype: Optional[str] = None
 
     def corpus_id(self) -> str:
         if self.files:
@@ -129,6 +133,8 @@ def cache_path(fingerprint: str, layer: int, cfg: KeyStatistics, corpus_id: str)
     parts = [fingerprint, layer, corpus_id, cfg.num_tokens, cfg.seq_len, cfg.dtype]
     if cfg.num_texts is not None:
         parts.append(cfg.num_texts)
+    if cfg.compute_dtype is not None:
+        parts.append(f"compute={cfg.compute_dtype}")
     key = json.dumps(parts)
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     return cache_dir() / "stats" / f"c0-{fingerprint}-layer{layer}-{digest}.safetensors"
@@ -145,6 +151,21 @@ def load_cached(path: Path, d_ff: int) -> Optional[torch.Tensor]:
     if c0.shape != (d_ff, d_ff):
         raise ValueError(f"key-statistics cache {path} has shape {tuple(c0.shape)}, expected {(d_ff, d_ff)}")
     return c0
+
+
+def add_gram(acc: torch.Tensor, k: torch.Tensor) -> None:
+    """acc += k^T k (float64 [d, d]) from k [tokens, d], computing only 3 of its 4 blocks.
+
+    k^T k is symmetric, so
+    the lower-left block is the transpose of the upper-right one: 25 % fewer multiplications.
+    """
+    h = k.shape[1] // 2
+    a, b = k[:, :h], k[:, h:]
+    acc[:h, :h] += (a.T @ a).double().cpu()
+    upper = (a.T @ b).double().cpu()
+    acc[:h, h:] += upper
+    acc[h:, :h] += upper.T
+    acc[h:, h:] += (b.T @ b).double().cpu()
 
 
 @torch.no_grad()
@@ -168,22 +189,36 @@ def compute_key_statistics(lm: LocatedModel, tok, layers: list[int], cfg: KeySta
     sums = {l: torch.zeros(d_ff, d_ff, dtype=torch.float64) for l in missing}
     count = 0
     t0 = time.time()
+    device = lm.model.device
+    compute_dtype = getattr(torch, cfg.compute_dtype) if cfg.compute_dtype else None
+    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype is not None)
+    keys: dict[int, torch.Tensor] = {}
+
+    def keep(module, args, layer):
+        keys[layer] = args[0]
+        if layer == max(missing):
+            raise StopForward  # nothing after the last key is needed
+
+    handles = [lm.down_proj(l).register_forward_pre_hook(lambda m, a, l=l: keep(m, a, l)) for l in missing]
     bar = tqdm(total=len(stream), desc=f"C0 for layers {missing}", unit="tok")
-    for i in range(0, len(chunks), cfg.batch_size):
-        batch = chunks[i : i + cfg.batch_size]
-        width = max(len(c) for c in batch)
-        groups = [batch] if all(len(c) == width for c in batch) else [[c] for c in batch]
-        for group in groups:  # only the corpus's last, shorter sequence runs on its own
-            ids = torch.tensor(group, dtype=torch.long, device=lm.model.device)
-            with capture(lm, missing, [], max(missing)) as (keys, _):
-                run_to_stop(lm, input_ids=ids)
-            for l in missing:
-                k = keys[l].reshape(-1, d_ff).float()
-                sums[l] += (k.T @ k).double().cpu()
-            count += ids.numel()
-            bar.update(ids.numel())
-        bar.set_postfix(tok_per_s=f"{count / (time.time() - t0):.0f}")
-    bar.close()
+    try:
+        for i in range(0, len(chunks), cfg.batch_size):
+            batch = chunks[i : i + cfg.batch_size]
+            width = max(len(c) for c in batch)
+            groups = [batch] if all(len(c) == width for c in batch) else [[c] for c in batch]
+            for group in groups:  # only the corpus's last, shorter sequence runs on its own
+                ids = torch.tensor(group, dtype=torch.long, device=device)
+                with autocast:
+                    run_to_stop(lm, input_ids=ids)
+                for l in missing:
+                    add_gram(sums[l], keys[l].reshape(-1, d_ff).float())
+                count += ids.numel()
+                bar.update(ids.numel())
+            bar.set_postfix(tok_per_s=f"{count / (time.time() - t0):.0f}")
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
     for l in missing:
         c0 = (sums[l] / count).to(getattr(torch, cfg.dtype))
         path = cache_path(fingerprint, l, cfg, corpus_id)

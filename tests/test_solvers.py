@@ -1,9 +1,21 @@
-"""Each closed form equals a direct numerical minimisation of its stated objective."""
+"""Each closed form equals a direct numerical minimisation of its stated objective, and the
+incremental Woodbury solve equals the plain closed form at every batch of a sequence."""
+
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from encore_pl.solvers import alphaedit_update, encore_update, memit_update, nullspace_projector
+import encore_pl.callbacks as callbacks
+from encore_pl.solvers import (
+    SolverConfig,
+    WoodburySolver,
+    alphaedit_update,
+    encore_update,
+    memit_update,
+    nullspace_projector,
+)
 
 D_OUT, D_FF, N, N0, NPREV = 4, 6, 3, 20, 5
 
@@ -73,3 +85,151 @@ def test_alphaedit_closed_form_minimises_its_objective_and_spares_preserved_keys
     closed = alphaedit_update(r, k, p, l2, kp @ kp.T)
     torch.testing.assert_close(closed, minimise(objective, closed.shape), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(closed @ k0, torch.zeros(D_OUT, 3, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+# The incremental solve ------------------------------------------------------------------------
+
+SEQ_D_FF, SEQ_N, SEQ_RANK_C0 = 16, 3, 10
+
+
+def sequence_problem(seed: int, method: str):
+    """C0 (of rank 10 for AlphaEdit, full rank otherwise), its null-space projector and a batch generator."""
+    g = torch.Generator().manual_seed(seed)
+    k0 = torch.randn(SEQ_D_FF, SEQ_RANK_C0 if method == "alphaedit" else 40, generator=g, dtype=torch.float64)
+    c0 = k0 @ k0.T / k0.shape[1]
+    p = nullspace_projector(c0, 1e-8) if method == "alphaedit" else None
+
+    def batch(n: int = SEQ_N):
+        return torch.randn(D_OUT, n, generator=g, dtype=torch.float64), torch.randn(SEQ_D_FF, n, generator=g, dtype=torch.float64)
+
+    return c0, p, batch
+
+
+def plain(cfg: SolverConfig, r, k, c0, p, prev):
+    """The reference closed form, prev = sum of the earlier batches' K K^T (or None)."""
+    prev = prev if cfg.use_prev_keys else None
+    if cfg.method == "alphaedit":
+        return alphaedit_update(r, k, p, cfg.alphaedit_l2, prev)
+    return encore_update(r, k, c0, cfg.lambda_p, cfg.lambda_n if cfg.method == "encore" else 0.0, prev)
+
+
+CONFIGS = {
+    "encore": SolverConfig(method="encore", lambda_p=0.7, lambda_n=2.0, refactor_every=4),
+    "memit": SolverConfig(method="memit", lambda_p=0.7, refactor_every=4),
+    "memit_no_prev": SolverConfig(method="memit", lambda_p=0.7, use_prev_keys=False, refactor_every=4),
+    "alphaedit": SolverConfig(method="alphaedit", alphaedit_l2=0.5, refactor_every=4),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_woodbury_sequence_equals_plain_solve_at_every_batch(name):
+    cfg = CONFIGS[name]
+    c0, p, batch = sequence_problem(4, cfg.method)
+    fast, stale = WoodburySolver(cfg, c0, p), WoodburySolver(cfg, c0, p)
+    builds = []
+    build = fast.build
+    fast.build = lambda *a: (builds.append(len(builds)), build(*a))
+    prev = torch.zeros(SEQ_D_FF, SEQ_D_FF, dtype=torch.float64)
+    for i in range(6):
+        r, k = batch()
+        expected = plain(cfg, r, k, c0, p, prev)
+        given_prev = prev if cfg.use_prev_keys else None
+        torch.testing.assert_close(fast.solve(r, k, given_prev), expected, rtol=1e-8, atol=1e-12)
+        if i >= 1 and cfg.use_prev_keys:  # a cache that does not absorb the batches is wrong
+            stale.prev_trace = prev.diagonal().sum().item()  # defeat its rebuild-on-change check
+            assert not torch.allclose(stale.solve(r, k, given_prev), expected, rtol=1e-4)
+        elif i == 0:
+            stale.solve(r, k, given_prev)
+        fast.absorb(k)
+        prev += k @ k.T
+    # Built on first use and again after refactor_every = 4 absorbed batches (never, if M is constant).
+    assert len(builds) == (2 if cfg.use_prev_keys else 1)
+
+
+def test_alphaedit_symmetric_form_equals_the_nonsymmetric_one():
+    c0, p, batch = sequence_problem(5, "alphaedit")
+    r, k = batch()
+    _, kp = batch(7)
+    s, l2 = k @ k.T + kp @ kp.T, 0.5
+    d = alphaedit_update(r, k, p, l2, kp @ kp.T)  # D (S P + l2 I) = R K^T P
+    symmetric = torch.linalg.solve(p @ s @ p + l2 * torch.eye(SEQ_D_FF, dtype=torch.float64), p @ k @ r.T).T
+    torch.testing.assert_close(d, symmetric, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(d @ p, d, rtol=1e-10, atol=1e-13)
+    # ... while the non-symmetric form without P on the left is a different matrix.
+    assert not torch.allclose(s @ p, p @ s @ p)
+
+
+def test_woodbury_rebuilds_when_prev_changes_outside():
+    cfg = CONFIGS["encore"]
+    c0, p, batch = sequence_problem(6, "encore")
+    fast = WoodburySolver(cfg, c0, p)
+    prev = torch.zeros(SEQ_D_FF, SEQ_D_FF, dtype=torch.float64)
+    for _ in range(2):
+        r, k = batch()
+        fast.solve(r, k, prev)
+        fast.absorb(k)
+        prev += k @ k.T
+    _, kp = batch(5)
+    other = kp @ kp.T  # e.g. the prev_keys of a loaded checkpoint
+    r, k = batch()
+    torch.testing.assert_close(fast.solve(r, k, other), plain(cfg, r, k, c0, p, other), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["encore", "alphaedit"])
+def test_large_batch_and_cholesky_mode_take_the_plain_path(name):
+    cfg = CONFIGS[name]
+    c0, p, batch = sequence_problem(7, cfg.method)
+    fast = WoodburySolver(cfg, c0, p)
+    prev = torch.zeros(SEQ_D_FF, SEQ_D_FF, dtype=torch.float64)
+    for n in [SEQ_N, SEQ_D_FF + 2, SEQ_N, SEQ_N]:  # n >= d_ff in the middle
+        r, k = batch(n)
+        torch.testing.assert_close(fast.solve(r, k, prev), plain(cfg, r, k, c0, p, prev), rtol=1e-8, atol=1e-12)
+        assert (fast.last is None) == (n > SEQ_D_FF // 4)
+        fast.absorb(k)
+        prev += k @ k.T
+    for mode in [dict(solve="cholesky"), dict(refactor_every=0)]:
+        cholesky = WoodburySolver(SolverConfig(**{**vars(cfg), **mode}), c0, p)
+        r, k = batch()
+        torch.testing.assert_close(cholesky.solve(r, k, prev), plain(cfg, r, k, c0, p, prev), rtol=1e-8, atol=1e-12)
+        cholesky.absorb(k)
+        assert cholesky.minv is None
+
+
+@pytest.mark.parametrize("name", ["encore", "alphaedit"])
+def test_least_squares_update_solves_through_the_cache_and_updates_prev_keys(monkeypatch, name):
+    cfg = CONFIGS[name]
+    c0, p, batch = sequence_problem(8, cfg.method)
+    layers = [3, 4]
+    bufs = {l: torch.zeros(SEQ_D_FF, SEQ_D_FF, dtype=torch.float64) for l in layers}
+    m = SimpleNamespace(
+        solver=cfg, c0={l: c0 for l in layers}, projectors={l: p for l in layers} if p is not None else {},
+        prev_keys=bufs.__getitem__, lm=SimpleNamespace(weight_out_in=lambda l: torch.ones(2)),
+        edited=[], history=[], original_norms={l: 1.0 for l in layers}, log_dict=lambda *a, **kw: None,
+    )
+    seen = []
+
+    def fake_spread(lm, tok, requests, prefixes, layers, z_layer, z, solve, seconds=None):  # random keys per layer
+        applied = {}
+        for layer in layers:
+            r, k = batch()
+            prev = bufs[layer].clone()
+            applied[layer] = (solve(layer, r, k), k)
+            seen.append((layer, applied[layer][0], plain(cfg, r, k, c0, p, prev), prev, k))
+        return applied
+
+    monkeypatch.setattr(callbacks, "spread_update", fake_spread)
+    update = callbacks.LeastSquaresUpdate()
+    update.on_fit_start(None, m)
+    m.tokenizer, m.context_prefixes, m.layers, m.z_layer = None, [], layers, layers[-1]
+    outputs = {"z": None, "start": time.perf_counter(), "steps": torch.ones(2), "z_seconds": 0.0}
+    expected_prev = {l: torch.zeros_like(bufs[l]) for l in layers}
+    for i in range(3):
+        update.on_train_batch_end(None, m, outputs, ["request"], i)
+    assert len(seen) == 6 and set(update.solvers) == set(layers)  # one cached solver per layer
+    for layer, d, expected, prev, k in seen:
+        torch.testing.assert_close(d, expected, rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(prev, expected_prev[layer])  # prev_keys as before: + K K^T per batch
+        expected_prev[layer] = expected_prev[layer] + k @ k.T
+    assert all(update.solvers[l].minv is not None for l in layers)
+    for layer in layers:
+        torch.testing.assert_close(bufs[layer], expected_prev[layer])

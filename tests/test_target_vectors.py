@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from encore_pl.data import EditRequest
@@ -7,6 +8,7 @@ from encore_pl.prompts import generate_context_prefixes
 from encore_pl.reference import reference_target_vectors
 from encore_pl.target_vectors import (
     MostProbableEarlyStopping,
+    SuffixForward,
     TargetOptimization,
     compute_target_vectors,
     prefixed_targets_top1,
@@ -69,3 +71,54 @@ def test_mpes_stops_at_first_qualifying_check_plus_extra_steps():
         active &= ~stop
     assert stopped_at == {2: 2, 0: 3}  # 3 hits each; hits need not be consecutive
     assert MostProbableEarlyStopping(1, None).update(torch.tensor([True]), torch.tensor([True])).tolist() == [False]
+
+
+def full_model_logits(lm, seqs, z_layer, where, delta):
+    """Logits of the whole model on whole (right-padded) sequences, delta added at `where`."""
+    from encore_pl.keys import block_output, pad_right
+
+    ids, mask = pad_right(seqs, 0)
+
+    def add(module, args, output):
+        hidden = block_output(output).clone()
+        hidden[torch.arange(len(seqs)), where] += delta
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = lm.block(z_layer).register_forward_hook(add)
+    try:
+        return lm.model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gptj", "gpt_neox", "gemma3_text", "mistral", "qwen2"])
+def test_suffix_forward_gives_the_full_models_logits(model_type, tmp_path):
+    """Prefix cache + blocks 0..z replayed + only the suffix run = the whole model on the whole prompt."""
+    from conftest import make_tiny_model
+    from test_layouts import tiny
+
+    if model_type in ("gpt2", "llama"):
+        model = load_model_and_tokenizer(str(make_tiny_model(model_type, tmp_path)))[0]
+    else:
+        model = tiny(model_type).eval()
+    lm = LocatedModel(model)
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    seqs = [torch.randint(1, vocab, (length,), generator=g).tolist() for length in (7, 5, 9, 4, 8)]
+    seqs[2][:2] = seqs[0][:2]  # rows 0, 2 and 4 share a context: its tokens run once
+    seqs[4][:3] = seqs[0][:3]
+    split = [3, 0, 5, 1, 3]  # the first suffix token (0: no prefix at all; row 0 is all context)
+    groups = [0, -1, 0, -1, 0]
+    z_layer = 1
+    delta = torch.randn(len(seqs), model.config.hidden_size, generator=g)
+    prefix, suffix = [s[:k] for s, k in zip(seqs, split)], [s[k:] for s, k in zip(seqs, split)]
+    forward = SuffixForward(lm, prefix, suffix, z_layer, 0, groups)
+    with torch.no_grad():
+        expected = full_model_logits(lm, seqs, z_layer, torch.tensor(split), delta)
+        for rows in (torch.arange(5), torch.tensor([0, 2, 3]), torch.tensor([0, 2, 3])):  # all rows, then fewer
+            hidden = forward(rows, delta[rows])
+            for local, r in enumerate(rows.tolist()):
+                n_suffix = len(seqs[r]) - split[r]
+                got = lm.logits(hidden[local, :n_suffix])
+                torch.testing.assert_close(got, expected[r, split[r] : len(seqs[r])], atol=1e-4, rtol=1e-4)
+    assert [type(b).__name__ for b in lm.blocks].count("_Replay") == 0  # real blocks are back

@@ -33,3 +33,26 @@ def test_residual_spread_across_layers(tiny_model_dir):
     assert seen[1].norm() < 2 * seen[0].norm()
     _, after = compute_keys(lm, tok, requests, prefixes, layers, z_layer)
     assert (after - z).norm() < 0.02 * (h - z).norm()
+
+
+def test_window_keys_equal_a_fresh_pass_on_the_partly_updated_model(tiny_model_dir):
+    """WindowKeys starts each pass at the last updated block; a full pass from the embeddings agrees."""
+    from encore_pl.keys import WindowKeys
+
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    lm = LocatedModel(model)
+    requests, _ = load_requests(QUICKSTART_PATH, num_edits=5)
+    prefixes = ["The first thing. ", "I know. "]
+    layers, z_layer = [0, 1, 2], 3
+    window = WindowKeys(lm, tok, requests, prefixes, z_layer, batch_size=4)  # several chunks
+    torch.manual_seed(0)
+    for layer in layers:
+        keys, out = window.at(layer)
+        fresh_keys, fresh_out = compute_keys(lm, tok, requests, prefixes, [layer], z_layer)
+        torch.testing.assert_close(keys, fresh_keys[layer], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out, fresh_out, atol=1e-5, rtol=1e-5)
+        w = lm.weight_out_in(layer)
+        lm.add_to_weight(layer, 0.2 * torch.randn_like(w) * w.std())  # changes every later key
+    keys_after, out_after = window.at(layers[-1])
+    torch.testing.assert_close(keys_after, keys)  # a layer's own update does not change its keys
+    assert not torch.allclose(out_after, out, atol=1e-4)  # but the z-layer output sees it
