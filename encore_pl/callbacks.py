@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import EditRequest
+from .distributed import Ranks
 from .keys import WindowKeys
 from .layouts import LocatedModel
 from .solvers import WoodburySolver
@@ -33,21 +34,36 @@ def spread_update(
     z: torch.Tensor,
     solve: Solve,
     seconds: Optional[dict[str, float]] = None,
+    ranks: Optional[Ranks] = None,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Apply the update layer by layer; return {layer: (increment D, keys K [d_ff, n])}.
 
-    `seconds` (if given) accumulates the time spent on "keys" and on "solve".
+    `seconds` (if given) accumulates the time spent on "keys" and on "solve". With several
+    processes (`ranks`), each computes the keys of its share of the requests, all are gathered,
+    process 0 solves and broadcasts the increment.
     """
     applied = {}
     seconds = {} if seconds is None else seconds
-    window = WindowKeys(lm, tok, requests, prefixes, z_layer)
+    ranks = ranks or Ranks()
+    share = ranks.share(requests)
+    window = WindowKeys(lm, tok, share, prefixes, z_layer) if share else None
+    d_out, d_ff = lm.weight_out_in(layers[0]).shape
+    device = lm.model.device
     for j, layer in enumerate(layers):
         start = time.perf_counter()
-        keys, current = window.at(layer)
+        if window is not None:
+            keys, current = window.at(layer)
+        else:  # fewer requests than processes
+            keys, current = torch.zeros(0, d_ff, device=device), torch.zeros(0, z.shape[1], device=device)
+        keys, current = ranks.gather(keys, len(requests)), ranks.gather(current, len(requests))
         k = keys.T.double()  # [d_ff, n]
         resid = (z.to(current.device) - current).T.double() / (len(layers) - j)  # [d_model, n]
         middle = time.perf_counter()
-        d = solve(layer, resid, k)
+        if ranks.rank == 0:
+            d = solve(layer, resid, k)
+        else:
+            d = torch.empty(d_out, d_ff, dtype=torch.float64, device=k.device)
+        d = ranks.broadcast(d.contiguous())
         seconds["keys"] = seconds.get("keys", 0.0) + middle - start
         seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - middle
         if not torch.isfinite(d).all():
@@ -80,9 +96,10 @@ class LeastSquaresUpdate(L.Callback):
             return self.solvers[layer].solve(resid, k, m.prev_keys(layer) if cfg.use_prev_keys else None)
 
         phases = {"z": outputs["z_seconds"]}
-        applied = spread_update(m.lm, m.tokenizer, batch, m.context_prefixes, m.layers, m.z_layer, outputs["z"], solve, phases)
+        applied = spread_update(m.lm, m.tokenizer, batch, m.context_prefixes, m.layers, m.z_layer, outputs["z"], solve, phases, m.ranks)
         for layer, (_, k) in applied.items():
-            self.solvers[layer].absorb(k)
+            if layer in self.solvers:  # process 0's
+                self.solvers[layer].absorb(k)
             m.prev_keys(layer).add_(k @ k.T)
         m.edited.extend(batch)
 

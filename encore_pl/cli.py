@@ -5,6 +5,7 @@ import warnings
 from lightning.pytorch.cli import LightningCLI
 
 from .data import EditDataModule
+from .distributed import editing_strategy
 from .module import KnowledgeEditor
 
 
@@ -18,8 +19,16 @@ class EditingCLI(LightningCLI):
                 "trainer.enable_model_summary": False,
                 "trainer.inference_mode": False,
                 "trainer.log_every_n_steps": 1,
+                # every process sees every batch and takes its own requests (encore_pl.distributed)
+                "trainer.use_distributed_sampler": False,
             }
         )
+
+    def instantiate_trainer(self, **kwargs):
+        """As LightningCLI's, with "ddp" meaning the project's EditingDDPStrategy."""
+        config = self._get(self.config_init, "trainer", default={})
+        kwargs["strategy"] = editing_strategy(config.get("strategy", "auto"), config.get("devices"), config.get("num_nodes"))
+        return super().instantiate_trainer(**kwargs)
 
 
 def quiet_lightning_warnings() -> None:

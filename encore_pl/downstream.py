@@ -36,7 +36,7 @@ import torch
 from transformers import DynamicCache
 
 from .keys import pad_right
-from .prompts import encode_target
+from .prompts import common_prefix, encode_target
 
 SHOT_SEPARATOR = "\n\n"
 
@@ -322,17 +322,6 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
         return False
 
 
-def _common_prefix_length(sequences: list[list[int]]) -> int:
-    first = sequences[0]
-    length = min(len(q) for q in sequences)
-    for q in sequences[1:]:
-        i = 0
-        while i < length and q[i] == first[i]:
-            i += 1
-        length = i
-    return length
-
-
 @torch.no_grad()
 def candidate_logprobs(model, tok, examples: Sequence[Example], batch_size: int = 8) -> list[list[float]]:
     """For each example, the summed log-probability of each candidate's tokens after its prompt.
@@ -372,7 +361,7 @@ def candidate_logprobs(model, tok, examples: Sequence[Example], batch_size: int 
     logprob: list[dict[tuple[int, int], float]] = [{} for _ in sequences]
     # The k-shot context is the same for every item: run the common token prefix once and reuse
     # its key/value cache (it ends before the first scored position, so every score is recomputed).
-    shared = _common_prefix_length(sequences)
+    shared = len(common_prefix(sequences))
     shared = min([shared] + [pos for w in wanted for pos, _ in w])
     prefix_kv = None
     with _eval_mode(model):

@@ -114,14 +114,28 @@ def n_gram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
 
 @torch.no_grad()
 def generate_texts(
-    lm: LocatedModel, tok, prompts: list[str], length: int = 100, top_k: int = 5, seed: int = 0, batch_size: int = 16
+    lm: LocatedModel,
+    tok,
+    prompts: list[str],
+    length: int = 100,
+    top_k: int = 5,
+    seed: int = 0,
+    batch_size: int = 16,
+    stride: tuple[int, int] = (0, 1),
 ) -> list[str]:
-    """Top-k sampled continuations, `length` tokens in all (prompt included), as the published code."""
+    """Top-k sampled continuations, `length` tokens in all (prompt included), as the published code.
+
+    Prompts go in batches of `batch_size`, batch b sampled with seed (seed, b). `stride` = (i, k)
+    generates only batches i, i + k, ...: k processes together give what one gives alone.
+    """
     texts = []
     device = lm.model.device
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, len(prompts), batch_size):
+    first, step = stride
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
+        if b % step != first:
+            continue
+        with torch.random.fork_rng(devices=[lm.model.device] if device.type == "cuda" else []):
+            torch.manual_seed(seed * 1000003 + b)
             chunk = [tok(p).input_ids for p in prompts[start : start + batch_size]]
             width = max(len(c) for c in chunk)
             ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)

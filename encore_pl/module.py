@@ -17,11 +17,13 @@ import torch
 
 from .callbacks import LeastSquaresUpdate
 from .data import EditRequest
+from .distributed import Ranks
 from .diagnostics import mlp_residual_ratio, probe_texts
 from .evaluation import generate_texts, n_gram_entropy, score_requests
 from .layouts import LocatedModel
 from .metrics import CounterFactScores, GenerationEntropy
 from .models import DEFAULT_MODEL, load_model_and_tokenizer
+from .patches import edit_increments, save_patch
 from .prompts import generate_context_prefixes
 from .solvers import SolverConfig, nullspace_projector
 from .stats import KeyStatistics, compute_key_statistics
@@ -109,6 +111,7 @@ class KnowledgeEditor(L.LightningModule):
         self.c0: dict[int, torch.Tensor] = {}
         self.projectors: dict[int, torch.Tensor] = {}
         self.original_norms = {l: self.lm.weight_out_in(l).norm().item() for l in self.layers}
+        self.base_weights = {l: self.lm.weight_out_in(l).detach().clone() for l in self.layers}  # for the patch
         self.pre_scores, self.post_scores, self.val_scores = CounterFactScores(), CounterFactScores(), CounterFactScores()
         self.pre_entropy, self.post_entropy = GenerationEntropy(), GenerationEntropy()
         self.history: list[dict] = []  # one record per edit batch
@@ -126,6 +129,7 @@ class KnowledgeEditor(L.LightningModule):
         return [LeastSquaresUpdate()]
 
     def setup(self, stage: str) -> None:
+        self.ranks = Ranks()  # the process group exists by now
         # The update must come before any callback that measures the edited model: run it first.
         callbacks = self.trainer.callbacks
         callbacks.sort(key=lambda c: not isinstance(c, LeastSquaresUpdate))
@@ -137,9 +141,10 @@ class KnowledgeEditor(L.LightningModule):
         return getattr(self, f"prev_keys_{layer}")
 
     def on_fit_start(self) -> None:
-        if not self.context_prefixes:
-            self.context_prefixes = generate_context_prefixes(self.model, self.tokenizer, self.hparams.seed)
-        self.c0 = compute_key_statistics(self.lm, self.tokenizer, self.layers, self.key_stats)
+        if not self.context_prefixes:  # sampled once, by process 0, so every process has the same
+            prefixes = generate_context_prefixes(self.model, self.tokenizer, self.hparams.seed) if self.ranks.rank == 0 else None
+            self.context_prefixes = self.ranks.broadcast_object(prefixes)
+        self.c0 = compute_key_statistics(self.lm, self.tokenizer, self.layers, self.key_stats, self.ranks)
         if self.solver.method == "alphaedit":
             self.projectors = {l: nullspace_projector(c, self.solver.nullspace_threshold) for l, c in self.c0.items()}
 
@@ -148,7 +153,7 @@ class KnowledgeEditor(L.LightningModule):
         requests = self.trainer.datamodule.requests
         scores = self.score(requests, "pre-edit evaluation")
         self.pre_scores.update(scores)
-        self.natural_probs = scores["true_prob"].tolist()
+        self.natural_probs = self.ranks.gather(scores["true_prob"], len(requests)).tolist()
         self.generation_prompt_list = self.pick_generation_prompts(requests)
         if self.generation_prompt_list:
             self.pre_entropy.update(self.entropies(self.generation_prompt_list))
@@ -157,8 +162,15 @@ class KnowledgeEditor(L.LightningModule):
     def training_step(self, batch: list[EditRequest], batch_idx: int) -> dict:
         start = time.perf_counter()
         optimise = compute_target_vectors if self.target.batched else reference_target_vectors
-        tv = optimise(self.lm, self.tokenizer, batch, self.context_prefixes, self.z_layer, self.target)
-        return {"z": tv.z, "steps": tv.steps, "target_prob": tv.target_prob, "start": start,
+        share = self.ranks.share(batch)  # this process's requests
+        if share:
+            tv = optimise(self.lm, self.tokenizer, share, self.context_prefixes, self.z_layer, self.target)
+            z, steps, prob = tv.z, tv.steps.to(self.device), tv.target_prob.to(self.device)
+        else:  # fewer requests than processes
+            z = torch.zeros(0, self.model.config.hidden_size, device=self.device)
+            steps, prob = torch.zeros(0, dtype=torch.long, device=self.device), torch.zeros(0, device=self.device)
+        n, gather = len(batch), self.ranks.gather
+        return {"z": gather(z, n), "steps": gather(steps, n).cpu(), "target_prob": gather(prob, n).cpu(), "start": start,
                 "z_seconds": time.perf_counter() - start}
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -209,7 +221,8 @@ class KnowledgeEditor(L.LightningModule):
     # Evaluation helpers -----------------------------------------------------------------------
 
     def score(self, requests: list[EditRequest], desc: Optional[str] = None) -> dict[str, torch.Tensor]:
-        return score_requests(self.lm, self.tokenizer, requests, self.evaluation.batch_size, desc)
+        """Per-request scores of this process's share of `requests` (metrics sum over processes)."""
+        return score_requests(self.lm, self.tokenizer, self.ranks.share(requests), self.evaluation.batch_size, desc)
 
     def sample(self, requests: list, size: Optional[int], fraction: float = 1.0, salt: int = 0) -> list:
         """A seeded sample of `requests` (in their order): `size` of them, or a `fraction`."""
@@ -235,7 +248,9 @@ class KnowledgeEditor(L.LightningModule):
         return self.sample(own, count, salt=-1)
 
     def entropies(self, prompts: list[str]) -> torch.Tensor:
-        texts = generate_texts(self.lm, self.tokenizer, prompts, self.evaluation.generation_length, seed=self.hparams.seed)
+        ranks = self.ranks
+        texts = generate_texts(self.lm, self.tokenizer, prompts, self.evaluation.generation_length, seed=self.hparams.seed,
+                               stride=(ranks.rank, ranks.world))
         return torch.tensor([n_gram_entropy(t) for t in texts])
 
     # Results ----------------------------------------------------------------------------------
@@ -290,15 +305,19 @@ class KnowledgeEditor(L.LightningModule):
         return results
 
     def write_results(self) -> None:
+        results = self.results()  # on every process: the metrics reduce across processes
+        log_dir = Path(self.trainer.log_dir or ".")  # a collective too
         if not self.trainer.is_global_zero:
             return
-        results = self.results()
         if self.logger is not None:  # the final scores in TensorBoard too, at 0 and at all edits
             self.logger.log_metrics({f"scores/{k}": v for k, v in results["pre"].items()}, step=0)
             self.logger.log_metrics({f"scores/{k}": results[k] for k in results["pre"]}, step=results["num_edits"])
-        log_dir = Path(self.trainer.log_dir or ".")
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "results.json").write_text(json.dumps(results, indent=2))
+        save_patch(log_dir / "edits.safetensors", edit_increments(self.lm, self.base_weights), {
+            "base_model": self.hparams.model_name_or_path, "method": self.solver.method, "layers": self.layers,
+            "request_ids": [r.case_id for r in self.edited],
+        })
         print(format_table({"pre-edit": results["pre"], "post-edit": results}))
         print(
             f"{results['num_edits']} edits with {results['method']} in {results['edit_seconds']:.1f} s "

@@ -69,3 +69,12 @@ def encode(tok, template: str, subject: str, prefix: str = "", target: str = "",
     target_ids = encode_target(tok, text, target) if target else []
     fed = target_ids[:-1] if drop_last else target_ids
     return Encoded(ids + fed, len(ids), subject_last, target_ids)
+
+
+def common_prefix(seqs: list[list[int]]) -> list[int]:
+    """The longest run of tokens that every sequence starts with."""
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs):
+            return seqs[0][:i]
+    return seqs[0][:n]

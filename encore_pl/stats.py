@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .keys import StopForward, run_to_stop
+from .distributed import Ranks
 from .layouts import LocatedModel
 from .models import cache_dir
 
@@ -169,8 +170,15 @@ def add_gram(acc: torch.Tensor, k: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def compute_key_statistics(lm: LocatedModel, tok, layers: list[int], cfg: KeyStatistics) -> dict[int, torch.Tensor]:
-    """C0 for every layer of `layers`, from the cache or from one pass over the corpus."""
+def compute_key_statistics(
+    lm: LocatedModel, tok, layers: list[int], cfg: KeyStatistics, ranks: Optional[Ranks] = None
+) -> dict[int, torch.Tensor]:
+    """C0 for every layer of `layers`, from the cache or from one pass over the corpus.
+
+    With several processes (`ranks`), each runs every world-th sequence, the sums are added up
+    across processes, and process 0 alone writes the cache.
+    """
+    ranks = ranks or Ranks()
     fingerprint = model_fingerprint(lm.model)
     corpus_id = cfg.corpus_id()
     d_ff = lm.weight_out_in(layers[0]).shape[1]
@@ -181,6 +189,14 @@ def compute_key_statistics(lm: LocatedModel, tok, layers: list[int], cfg: KeySta
             missing.append(layer)
         else:
             result[layer] = cached
+    if ranks.world > 1:  # process 0's cache decides (it may be the only writer): every process gets its C0
+        missing = ranks.broadcast_object(missing)
+        for layer in layers:
+            if layer in missing:
+                result.pop(layer, None)
+            else:
+                mine = result[layer] if ranks.rank == 0 else torch.empty(d_ff, d_ff, dtype=getattr(torch, cfg.dtype))
+                result[layer] = ranks.broadcast(mine)
     if not missing:
         return result
 
@@ -200,10 +216,11 @@ def compute_key_statistics(lm: LocatedModel, tok, layers: list[int], cfg: KeySta
             raise StopForward  # nothing after the last key is needed
 
     handles = [lm.down_proj(l).register_forward_pre_hook(lambda m, a, l=l: keep(m, a, l)) for l in missing]
-    bar = tqdm(total=len(stream), desc=f"C0 for layers {missing}", unit="tok")
+    mine = ranks.share(chunks)  # this process's sequences
+    bar = tqdm(total=sum(len(c) for c in mine), desc=f"C0 for layers {missing}", unit="tok")
     try:
-        for i in range(0, len(chunks), cfg.batch_size):
-            batch = chunks[i : i + cfg.batch_size]
+        for i in range(0, len(mine), cfg.batch_size):
+            batch = mine[i : i + cfg.batch_size]
             width = max(len(c) for c in batch)
             groups = [batch] if all(len(c) == width for c in batch) else [[c] for c in batch]
             for group in groups:  # only the corpus's last, shorter sequence runs on its own
@@ -219,13 +236,16 @@ def compute_key_statistics(lm: LocatedModel, tok, layers: list[int], cfg: KeySta
         for h in handles:
             h.remove()
         bar.close()
+    count = int(ranks.sum(torch.tensor(float(count), dtype=torch.float64)).item())
     for l in missing:
-        c0 = (sums[l] / count).to(getattr(torch, cfg.dtype))
+        c0 = (ranks.sum(sums[l]) / count).to(getattr(torch, cfg.dtype))
+        result[l] = c0
+        if ranks.rank != 0:
+            continue
         path = cache_path(fingerprint, l, cfg, corpus_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         meta = {"layer": str(l), "tokens": str(count), "corpus": corpus_id, "config": json.dumps(asdict(cfg))}
         save_file({"c0": c0.contiguous()}, str(tmp), metadata=meta)
         os.replace(tmp, path)  # atomic: a cache file is either complete or absent
-        result[l] = c0
     return result

@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from .data import EditRequest
 from .keys import StopForward, block_output, pad_right, replayed
 from .layouts import LocatedModel
-from .prompts import encode
+from .prompts import common_prefix, encode
 
 
 @dataclass
@@ -101,7 +101,7 @@ class MostProbableEarlyStopping:
         return active & qualifies & (self.hits == 1 + self.extra_steps)
 
 
-def _build_rows(tok, requests: list[EditRequest], prefixes: list[str]) -> _Rows:
+def build_rows(tok, requests: list[EditRequest], prefixes: list[str]) -> _Rows:
     request, kind, context, prefix, suffix, targets = [], [], [], [], [], []
     for i, r in enumerate(requests):
         prompts = [encode(tok, r.prompt, r.subject, prefix=c, target=r.target_new) for c in [""] + prefixes]
@@ -126,14 +126,6 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
             ids[i, width - len(s) :] = torch.tensor(s)
             mask[i, width - len(s) :] = 1
     return ids.to(device), mask.to(device)
-
-
-def _common_prefix(seqs: list[list[int]]) -> list[int]:
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != seqs[0][i] for s in seqs):
-            return seqs[0][:i]
-    return seqs[0][:n]
 
 
 class SuffixForward:
@@ -185,7 +177,7 @@ class SuffixForward:
         """Key/value tensors per layer [rows, heads, width, d_head] of the prefixes, and their mask."""
         lm, device = self.lm, self.suffix_ids.device
         names = sorted(set(g for g in groups if g >= 0))
-        shared = [_common_prefix([p for p, g in zip(prefix, groups) if g == name]) for name in names]
+        shared = [common_prefix([p for p, g in zip(prefix, groups) if g == name]) for name in names]
         slot = {name: i for i, name in enumerate(names)}
         n_shared = [len(shared[slot[g]]) if g >= 0 else 0 for g in groups]
         own = [p[k:] for p, k in zip(prefix, n_shared)]
@@ -267,7 +259,7 @@ def compute_target_vectors(
 ) -> TargetVectors:
     """Optimise delta for every request of the batch together; return z = h + delta and stats."""
     device = lm.model.device
-    rows = _build_rows(tok, requests, prefixes)
+    rows = build_rows(tok, requests, prefixes)
     n, d = len(requests), lm.model.config.hidden_size
     forward = SuffixForward(lm, rows.prefix, rows.suffix, z_layer, tok.pad_token_id, rows.context)
     bare = torch.nonzero(rows.kind == 0).squeeze(1)

@@ -204,11 +204,11 @@ def test_least_squares_update_solves_through_the_cache_and_updates_prev_keys(mon
     m = SimpleNamespace(
         solver=cfg, c0={l: c0 for l in layers}, projectors={l: p for l in layers} if p is not None else {},
         prev_keys=bufs.__getitem__, lm=SimpleNamespace(weight_out_in=lambda l: torch.ones(2)),
-        edited=[], history=[], original_norms={l: 1.0 for l in layers}, log_dict=lambda *a, **kw: None,
+        edited=[], history=[], original_norms={l: 1.0 for l in layers}, log_dict=lambda *a, **kw: None, ranks=None,
     )
     seen = []
 
-    def fake_spread(lm, tok, requests, prefixes, layers, z_layer, z, solve, seconds=None):  # random keys per layer
+    def fake_spread(lm, tok, requests, prefixes, layers, z_layer, z, solve, seconds=None, ranks=None):  # random keys per layer
         applied = {}
         for layer in layers:
             r, k = batch()
