@@ -9,7 +9,7 @@ previous keys.
 
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import lightning as L
 import torch
@@ -35,8 +35,9 @@ def spread_update(
     solve: Solve,
     seconds: Optional[dict[str, float]] = None,
     ranks: Optional[Ranks] = None,
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Apply the update layer by layer; return {layer: (increment D, keys K [d_ff, n])}.
+) -> dict[int, "Increment"]:
+    """Apply the update layer by layer; return {layer: Increment}. A non-finite update of any
+    layer undoes those already applied and raises FloatingPointError.
 
     `seconds` (if given) accumulates the time spent on "keys" and on "solve". With several
     processes (`ranks`), each computes the keys of its share of the requests, all are gathered,
@@ -67,10 +68,26 @@ def spread_update(
         seconds["keys"] = seconds.get("keys", 0.0) + middle - start
         seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - middle
         if not torch.isfinite(d).all():
-            raise FloatingPointError(f"non-finite update for layer {layer}")
+            for done in applied.values():  # undo: the weights are left exactly as they were
+                done.restore()
+            raise FloatingPointError(f"the update of layer {layer} is not finite")
+        applied[layer] = Increment(d, k, lm.weight(layer).detach().clone(), lm, layer)
         lm.add_to_weight(layer, d)
-        applied[layer] = (d, k)
     return applied
+
+
+class Increment(NamedTuple):
+    """One layer's applied update: increment D [out, in], keys K [d_ff, n], the weight before."""
+
+    d: torch.Tensor
+    k: torch.Tensor
+    before: torch.Tensor
+    lm: LocatedModel
+    layer: int
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        self.lm.weight(self.layer).copy_(self.before)
 
 
 class LeastSquaresUpdate(L.Callback):
@@ -95,12 +112,28 @@ class LeastSquaresUpdate(L.Callback):
                 self.solvers[layer] = WoodburySolver(cfg, m.c0[layer], m.projectors.get(layer))
             return self.solvers[layer].solve(resid, k, m.prev_keys(layer) if cfg.use_prev_keys else None)
 
+        def reject(requests: list[EditRequest], reason: str) -> None:
+            ids = [r.case_id for r in requests]
+            if m.on_nonfinite == "error":
+                raise FloatingPointError(f"edit batch {batch_idx}: {reason} (requests {ids}); the weights are as "
+                                         "they were before this batch (on_nonfinite: skip goes on without them)")
+            m.skipped += [{"case_id": i, "batch": batch_idx, "reason": reason} for i in ids]
+
+        z = outputs["z"]
+        finite = torch.isfinite(z).all(dim=1).tolist()
+        if not all(finite):
+            reject([r for r, ok in zip(batch, finite) if not ok], "non-finite target vector")
+            batch, z = [r for r, ok in zip(batch, finite) if ok], z[torch.tensor(finite, device=z.device)]
         phases = {"z": outputs["z_seconds"]}
-        applied = spread_update(m.lm, m.tokenizer, batch, m.context_prefixes, m.layers, m.z_layer, outputs["z"], solve, phases, m.ranks)
-        for layer, (_, k) in applied.items():
+        try:
+            applied = spread_update(m.lm, m.tokenizer, batch, m.context_prefixes, m.layers, m.z_layer, z, solve, phases, m.ranks) if batch else {}
+        except FloatingPointError as e:
+            reject(batch, str(e))
+            batch, applied = [], {}
+        for layer, inc in applied.items():
             if layer in self.solvers:  # process 0's
-                self.solvers[layer].absorb(k)
-            m.prev_keys(layer).add_(k @ k.T)
+                self.solvers[layer].absorb(inc.k)
+            m.prev_keys(layer).add_(inc.k @ inc.k.T)
         m.edited.extend(batch)
 
         seconds = time.perf_counter() - outputs["start"]
@@ -114,13 +147,14 @@ class LeastSquaresUpdate(L.Callback):
             "z_steps_mean": steps.mean().item(),
             "weight_norm": {str(l): v for l, v in norms.items()},
             "weight_norm_ratio": {str(l): v / m.original_norms[l] for l, v in norms.items()},
-            "increment_norm": {str(l): d.norm().item() for l, (d, _) in applied.items()},
+            "increment_norm": {str(l): inc.d.norm().item() for l, inc in applied.items()},
         })
         log = {"edit/seconds": seconds, "edit/z_steps_mean": steps.mean().item(), "edit/z_steps_max": steps.max().item()}
-        for layer, (d, _) in applied.items():
+        for layer, inc in applied.items():
             log[f"weight_norm/layer_{layer}"] = norms[layer]
-            log[f"increment_norm/layer_{layer}"] = d.norm().item()
-        m.log_dict(log, on_step=True, on_epoch=False, batch_size=len(batch))
+            log[f"increment_norm/layer_{layer}"] = inc.d.norm().item()
+        m.log_dict(log, on_step=True, on_epoch=False, batch_size=max(len(batch), 1))
+        m.record_batch(outputs, batch, batch_idx)
 
 
 class DownstreamEvaluation(L.Callback):

@@ -1,21 +1,29 @@
 """The command line: `python scripts/train.py fit|validate --config CONFIG.yaml`."""
 
+import os
+import sys
 import warnings
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 
+from .checkpoints import EditCheckpoint, SafeCheckpointIO, find_last_checkpoint
 from .data import EditDataModule
 from .distributed import editing_strategy
 from .module import KnowledgeEditor
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+
 
 class EditingCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(EditCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "trainer.max_epochs": 1,
                 "trainer.num_sanity_val_steps": 0,
-                "trainer.enable_checkpointing": False,
+                "trainer.enable_checkpointing": False,  # EditCheckpoint (`checkpoint.*`) saves instead
                 "trainer.enable_model_summary": False,
                 "trainer.inference_mode": False,
                 "trainer.log_every_n_steps": 1,
@@ -25,27 +33,61 @@ class EditingCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs):
-        """As LightningCLI's, with "ddp" meaning the project's EditingDDPStrategy."""
+        """As LightningCLI's, with "ddp" meaning the project's EditingDDPStrategy and checkpoints
+        written atomically and read without unpickling code."""
         config = self._get(self.config_init, "trainer", default={})
         kwargs["strategy"] = editing_strategy(config.get("strategy", "auto"), config.get("devices"), config.get("num_nodes"))
+        kwargs["plugins"] = [*(config.get("plugins") or []), SafeCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        """`--ckpt_path last`: the newest last.ckpt under the root directory. (LightningCLI would
+        also replace the model's config by the checkpoint's; instead a run resumes with its own
+        config, and a checkpoint of a different run is refused with what differs.)"""
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        if config is not None and config.get("ckpt_path") == "last":
+            config.ckpt_path = str(find_last_checkpoint(Path(config.trainer.default_root_dir or ".")))
+
+    def before_fit(self) -> None:
+        """A resumed run logs into the directory of the run it resumes."""
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        logger = self.trainer.logger
+        if ckpt_path is None or not isinstance(logger, TensorBoardLogger) or logger._version is not None:
+            return
+        run_dir = Path(ckpt_path).resolve().parent.parent  # <root>/version_N/checkpoints/last.ckpt
+        if run_dir.name.startswith("version_") and run_dir.parent == Path(logger.root_dir).resolve():
+            logger._version = run_dir.name  # TensorBoardLogger has no public setter; set before first use
 
 def quiet_lightning_warnings() -> None:
     """Silence Lightning warnings that describe this design, not a problem: the frozen model is in
-    eval mode, there is no optimizer (each step optimises its own target vectors), and `fit` has
-    no validation loop."""
+    eval mode, there is no optimizer (each step optimises its own target vectors), and `fit` has no
+    validation loop."""
     for message in (".*configure_optimizers.*returned `None`", ".*module\\(s\\) in eval mode.*",
                     ".*Total length of .* across ranks is zero.*", ".*isinstance\\(treespec, LeafSpec\\).*"):
         warnings.filterwarnings("ignore", message=message)
 
 
+def raised_here(error: BaseException) -> bool:
+    """Whether `error` was raised by this package's own code (its message is written for users)."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
+
+
 def main(args=None) -> None:
     quiet_lightning_warnings()
-    EditingCLI(
-        KnowledgeEditor,
-        EditDataModule,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    try:
+        EditingCLI(
+            KnowledgeEditor,
+            EditDataModule,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except (ValueError, OSError, ArithmeticError) as e:
+        # Bad input or bad numbers, explained in one message: no traceback (ENCORE_PL_DEBUG=1 shows it).
+        if not raised_here(e) or os.environ.get("ENCORE_PL_DEBUG"):
+            raise
+        print(f"encore-pl: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None

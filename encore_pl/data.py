@@ -12,10 +12,10 @@ Requests are edited in file order, in sequential batches of `batch_size`.
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Iterator, Literal, Optional
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 Format = Literal["auto", "rome", "easyedit", "zsre"]
 
@@ -228,19 +228,34 @@ def _drop_none(value):
     return value
 
 
-class RequestList(Dataset):
-    def __init__(self, requests: list[EditRequest]):
-        self.requests = requests
+class RequestStream:
+    """The requests in sequential batches, resumable: Lightning saves its state with each checkpoint.
 
-    def __len__(self) -> int:
-        return len(self.requests)
+    The state is the number of requests done so far (`done()`: edited or skipped, read when the
+    checkpoint is saved, i.e. after the update of the batch); a resumed stream starts right after.
+    """
 
-    def __getitem__(self, i: int) -> EditRequest:
-        return self.requests[i]
+    def __init__(self, requests: list[EditRequest], batch_size: int, done: Callable[[], int]):
+        self.requests, self.batch_size, self.done = requests, batch_size, done
+        self.start = 0
 
+    def __len__(self) -> int:  # all batches: Lightning's restored batch index counts the edited ones
+        return -(-len(self.requests) // self.batch_size)
 
-def collate_requests(batch: list[EditRequest]) -> list[EditRequest]:
-    return list(batch)
+    def __iter__(self) -> Iterator[list[EditRequest]]:
+        for i in range(self.start, len(self.requests), self.batch_size):
+            yield self.requests[i : i + self.batch_size]
+
+    def state_dict(self) -> dict:
+        return {"done": self.done(), "num_requests": len(self.requests), "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_requests"] != len(self.requests) or state["batch_size"] != self.batch_size:
+            raise ValueError(
+                f"cannot resume: the checkpoint's run edits {state['num_requests']} requests in batches of "
+                f"{state['batch_size']}, this one {len(self.requests)} in batches of {self.batch_size}"
+            )
+        self.start = state["done"]
 
 
 class EditDataModule(L.LightningDataModule):
@@ -280,16 +295,11 @@ class EditDataModule(L.LightningDataModule):
             for err in self.skipped[:10]:
                 print(f"  {err}")
 
-    def _loader(self) -> DataLoader:
-        return DataLoader(
-            RequestList(self.requests), batch_size=self.batch_size, shuffle=False, collate_fn=collate_requests
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader()
+    def train_dataloader(self) -> RequestStream:
+        return RequestStream(self.requests, self.batch_size, done=lambda: self.trainer.lightning_module.requests_done())
 
     def val_dataloader(self):
         # `fit` scores before and after editing itself; the validation loop is for `validate`.
         if self.trainer is not None and self.trainer.state.fn == "fit":
             return []
-        return self._loader()
+        return DataLoader(self.requests, batch_size=self.batch_size, shuffle=False, collate_fn=list)

@@ -8,6 +8,7 @@ would also agree, but only as far as every process's linear algebra rounds alike
 padded in or counted twice, whatever the batch size.
 """
 
+import json
 from typing import Optional, TypeVar
 
 import torch
@@ -52,12 +53,13 @@ class Ranks:
         return tensor
 
     def broadcast_object(self, obj: T) -> T:
-        """Process 0's picklable object, on every process."""
+        """Process 0's JSON-serialisable object, on every process (sent as JSON text, not pickled)."""
         if self.world == 1:
             return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        data = json.dumps(obj).encode() if self.rank == 0 else b""
+        size = self.broadcast(torch.tensor([len(data)], dtype=torch.long))
+        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0 else torch.empty(int(size), dtype=torch.uint8)
+        return json.loads(bytes(self.broadcast(buffer).tolist()).decode())
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum over processes (in place)."""

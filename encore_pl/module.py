@@ -10,12 +10,14 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import lightning as L
 import torch
+from torchmetrics import Metric
 
 from .callbacks import LeastSquaresUpdate
+from .checkpoints import EditCheckpoint
 from .data import EditRequest
 from .distributed import Ranks
 from .diagnostics import mlp_residual_ratio, probe_texts
@@ -23,7 +25,7 @@ from .evaluation import generate_texts, n_gram_entropy, score_requests
 from .layouts import LocatedModel
 from .metrics import CounterFactScores, GenerationEntropy
 from .models import DEFAULT_MODEL, load_model_and_tokenizer
-from .patches import edit_increments, save_patch
+from .patches import edit_increments, save_patch, weights_sha256
 from .prompts import generate_context_prefixes
 from .solvers import SolverConfig, nullspace_projector
 from .stats import KeyStatistics, compute_key_statistics
@@ -72,6 +74,7 @@ class KnowledgeEditor(L.LightningModule):
         target: TargetOptimization = TargetOptimization(),
         key_stats: KeyStatistics = KeyStatistics(),
         evaluation: EvaluationConfig = EvaluationConfig(),
+        on_nonfinite: Literal["error", "skip"] = "error",
         seed: int = 0,
     ):
         """Sequential knowledge editing of a causal LM with ENCORE, MEMIT or AlphaEdit.
@@ -87,6 +90,9 @@ class KnowledgeEditor(L.LightningModule):
             target: the target-vector optimisation and MPES.
             key_stats: the corpus and size of the key statistics C0.
             evaluation: when and how the edits are scored.
+            on_nonfinite: a non-finite target vector or weight update: "error" stops the run with
+                the weights as they were before the batch; "skip" leaves those requests (or, for an
+                update, the batch) unedited, lists them in results.json `skipped`, and goes on.
             seed: fixes the context prefixes, evaluation samples and generations.
         """
         super().__init__()
@@ -97,6 +103,7 @@ class KnowledgeEditor(L.LightningModule):
             raise ValueError(f"layers must be a window of consecutive layers, got {layers}")
         self.z_layer = self.layers[-1] if z_layer is None else z_layer
         self.solver, self.target, self.key_stats, self.evaluation = solver, target, key_stats, evaluation
+        self.on_nonfinite = on_nonfinite
         self.model, self.tokenizer = load_model_and_tokenizer(model_name_or_path, dtype, trust_remote_code)
         self.lm = LocatedModel(self.model)
         self.lm.check_layers(self.layers + [self.z_layer])
@@ -112,6 +119,7 @@ class KnowledgeEditor(L.LightningModule):
         self.projectors: dict[int, torch.Tensor] = {}
         self.original_norms = {l: self.lm.weight_out_in(l).norm().item() for l in self.layers}
         self.base_weights = {l: self.lm.weight_out_in(l).detach().clone() for l in self.layers}  # for the patch
+        self.base_sha256 = weights_sha256({self.lm.down_proj_name(l): w.float().cpu() for l, w in self.base_weights.items()})
         self.pre_scores, self.post_scores, self.val_scores = CounterFactScores(), CounterFactScores(), CounterFactScores()
         self.pre_entropy, self.post_entropy = GenerationEntropy(), GenerationEntropy()
         self.history: list[dict] = []  # one record per edit batch
@@ -122,6 +130,8 @@ class KnowledgeEditor(L.LightningModule):
         self.z_steps: list[int] = []
         self.generation_prompt_list: list[str] = []
         self.evaluation_seconds: dict[str, float] = {}
+        self.skipped: list[dict] = []  # requests left unedited by `on_nonfinite: skip`
+        self.strict_loading = False  # checkpoints hold only the lifelong state (see on_save_checkpoint)
 
     # Lightning hooks --------------------------------------------------------------------------
 
@@ -130,9 +140,10 @@ class KnowledgeEditor(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.ranks = Ranks()  # the process group exists by now
-        # The update must come before any callback that measures the edited model: run it first.
+        # The update must come before any callback that measures the edited model: run it first;
+        # the checkpoint must hold everything recorded after a batch: save it last.
         callbacks = self.trainer.callbacks
-        callbacks.sort(key=lambda c: not isinstance(c, LeastSquaresUpdate))
+        callbacks.sort(key=lambda c: (not isinstance(c, LeastSquaresUpdate), isinstance(c, EditCheckpoint)))
 
     def configure_optimizers(self):
         return None  # the model is frozen; each step optimises its own target vectors
@@ -151,6 +162,12 @@ class KnowledgeEditor(L.LightningModule):
     def on_train_start(self) -> None:
         start = time.perf_counter()
         requests = self.trainer.datamodule.requests
+        if self.requests_done():  # resumed from a checkpoint: the pre-edit scores came with it
+            done = {r.case_id for r in self.edited} | {r["case_id"] for r in self.skipped}
+            if done != {r.case_id for r in requests[: len(done)]}:
+                raise ValueError(f"cannot resume: the checkpoint's run edited other requests than the first {len(done)} "
+                                 "of this data; resume with the same data")
+            return
         scores = self.score(requests, "pre-edit evaluation")
         self.pre_scores.update(scores)
         self.natural_probs = self.ranks.gather(scores["true_prob"], len(requests)).tolist()
@@ -173,8 +190,13 @@ class KnowledgeEditor(L.LightningModule):
         return {"z": gather(z, n), "steps": gather(steps, n).cpu(), "target_prob": gather(prob, n).cpu(), "start": start,
                 "z_seconds": time.perf_counter() - start}
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        """After the update (callbacks run first): record diagnostics; score retention if due."""
+    def requests_done(self) -> int:
+        """How far into the request stream the run is: requests edited or skipped."""
+        return len(self.edited) + len(self.skipped)
+
+    def record_batch(self, outputs: dict, batch: list[EditRequest], batch_idx: int) -> None:
+        """After the update (called by LeastSquaresUpdate, so that the checkpoint saved after the
+        batch has it): record diagnostics; score retention if due."""
         record = self.history[-1]
         record["mlp_residual_ratio"] = {
             str(l): v for l, v in mlp_residual_ratio(self.lm, self.tokenizer, probe_texts(self.evaluation.probe_file), self.layers).items()
@@ -192,7 +214,7 @@ class KnowledgeEditor(L.LightningModule):
             self.retention.append(point)
             if self.logger is not None and self.trainer.is_global_zero:  # plotted against edits
                 self.logger.log_metrics({f"retention/{k}": v for k, v in point.items() if k != "num_edits"}, step=len(self.edited))
-        self.log_dict(log, on_step=True, on_epoch=False, batch_size=len(batch))
+        self.log_dict(log, on_step=True, on_epoch=False, batch_size=max(len(batch), 1))
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_histogram") and self.trainer.is_global_zero:
             experiment.add_histogram("edit/target_prob_at_stop", outputs["target_prob"], len(self.edited))
@@ -301,6 +323,7 @@ class KnowledgeEditor(L.LightningModule):
             solver=asdict(self.solver),
             target=asdict(self.target),
             context_prefixes=self.context_prefixes,
+            skipped=self.skipped,
         )
         return results
 
@@ -313,11 +336,10 @@ class KnowledgeEditor(L.LightningModule):
             self.logger.log_metrics({f"scores/{k}": v for k, v in results["pre"].items()}, step=0)
             self.logger.log_metrics({f"scores/{k}": results[k] for k in results["pre"]}, step=results["num_edits"])
         log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "results.json").write_text(json.dumps(results, indent=2))
-        save_patch(log_dir / "edits.safetensors", edit_increments(self.lm, self.base_weights), {
-            "base_model": self.hparams.model_name_or_path, "method": self.solver.method, "layers": self.layers,
-            "request_ids": [r.case_id for r in self.edited],
-        })
+        tmp = log_dir / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(log_dir / "results.json")  # atomic: complete or absent
+        self.write_patch(log_dir)
         print(format_table({"pre-edit": results["pre"], "post-edit": results}))
         print(
             f"{results['num_edits']} edits with {results['method']} in {results['edit_seconds']:.1f} s "
@@ -325,11 +347,76 @@ class KnowledgeEditor(L.LightningModule):
         )
         print(f"results: {log_dir / 'results.json'}")
 
+    def write_patch(self, log_dir: Optional[Path] = None) -> None:
+        """`<log dir>/edits.safetensors`: the cumulative change of every edited matrix (process 0)."""
+        log_dir = Path(log_dir or self.trainer.log_dir or ".")
+        if not self.trainer.is_global_zero:
+            return
+        increments = edit_increments(self.lm, self.base_weights)
+        save_patch(log_dir / "edits.safetensors", increments, {
+            "base_model": self.hparams.model_name_or_path,
+            "base_sha256": self.base_sha256,
+            "patched_sha256": weights_sha256({name: self.base_weights[l].float().cpu() + increments[name]
+                                              for l, name in zip(self.layers, increments)}),
+            "method": self.solver.method, "layers": self.layers,
+            "config": self.plain_hparams(),
+            "request_ids": [r.case_id for r in self.edited],
+            "skipped_ids": [r["case_id"] for r in self.skipped],
+        })
+
+    # Checkpoints ------------------------------------------------------------------------------
+
+    def plain_hparams(self) -> dict:
+        """The hyperparameters as plain JSON types."""
+        return json.loads(json.dumps({k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in self.hparams.items()}))
+
+    def lifelong_keys(self) -> set[str]:
+        """The state_dict entries a checkpoint keeps: edited weights and running sums of keys."""
+        return {f"model.{self.lm.down_proj_name(l)}.weight" for l in self.layers} | {f"prev_keys_{l}" for l in self.layers}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["context_prefixes"] = self.context_prefixes
+        """Keep only the lifelong state; everything in plain types (loadable with weights_only=True)."""
+        keep = self.lifelong_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["hyper_parameters"] = self.plain_hparams()
+        # metric sums of every process, added up (only process 0 writes the checkpoint)
+        metrics = {f"{name}.{state}": self.ranks.sum(getattr(m, state).detach().clone())
+                   for name, m in self.named_modules() if isinstance(m, Metric) for state in m._defaults}
+        checkpoint["encore_pl"] = {
+            "base_sha256": self.base_sha256,
+            "context_prefixes": self.context_prefixes,
+            "edited": [asdict(r) for r in self.edited],
+            "skipped": self.skipped,
+            "metrics": metrics,
+            **{name: getattr(self, name) for name in RECORDS},
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.context_prefixes = checkpoint.get("context_prefixes", [])
+        """Restore the lifelong state, after checking that the checkpoint belongs to this run."""
+        state, saved = checkpoint["encore_pl"], checkpoint.get("hyper_parameters", {})
+        mine = self.plain_hparams()
+        differ = [k for k in ("layers", "z_layer", "solver", "target", "key_stats", "seed", "dtype") if saved.get(k) != mine.get(k)]
+        if state["base_sha256"] != self.base_sha256:
+            differ.insert(0, "base model weights")
+        if differ or set(checkpoint["state_dict"]) != self.lifelong_keys():
+            raise ValueError(f"cannot resume: the checkpoint belongs to a different run ({', '.join(differ) or 'edited layers'} differ)")
+        self.context_prefixes = state["context_prefixes"]
+        self.edited = [EditRequest(**r) for r in state["edited"]]
+        self.skipped = state["skipped"]
+        for name in RECORDS:
+            setattr(self, name, state[name])
+        metrics = dict(self.named_modules())
+        for key, value in state["metrics"].items():
+            name, attr = key.rsplit(".", 1)
+            m = metrics[name]
+            setattr(m, attr, value.to(self.device) if self.ranks.rank == 0 else torch.zeros_like(value, device=self.device))
+            m._update_count = max(m._update_count, 1)  # compute() without a warning
+            m._computed = None
+
+
+# Records of the run kept in checkpoints (besides prefixes, edited requests and metric sums).
+RECORDS = ("history", "retention", "downstream_history", "natural_probs", "target_probs", "z_steps",
+           "generation_prompt_list", "evaluation_seconds")
 
 
 def format_table(rows: dict[str, dict]) -> str:

@@ -15,10 +15,13 @@ error of the plain solve done in float32.
 import argparse
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from encore_pl.solvers import SolverConfig, WoodburySolver, nullspace_projector
 
 RANK = 64  # rank of the non-diagonal part of C0

@@ -205,6 +205,7 @@ def test_least_squares_update_solves_through_the_cache_and_updates_prev_keys(mon
         solver=cfg, c0={l: c0 for l in layers}, projectors={l: p for l in layers} if p is not None else {},
         prev_keys=bufs.__getitem__, lm=SimpleNamespace(weight_out_in=lambda l: torch.ones(2)),
         edited=[], history=[], original_norms={l: 1.0 for l in layers}, log_dict=lambda *a, **kw: None, ranks=None,
+        record_batch=lambda *a: None,
     )
     seen = []
 
@@ -213,15 +214,15 @@ def test_least_squares_update_solves_through_the_cache_and_updates_prev_keys(mon
         for layer in layers:
             r, k = batch()
             prev = bufs[layer].clone()
-            applied[layer] = (solve(layer, r, k), k)
-            seen.append((layer, applied[layer][0], plain(cfg, r, k, c0, p, prev), prev, k))
+            applied[layer] = callbacks.Increment(solve(layer, r, k), k, None, None, layer)
+            seen.append((layer, applied[layer].d, plain(cfg, r, k, c0, p, prev), prev, k))
         return applied
 
     monkeypatch.setattr(callbacks, "spread_update", fake_spread)
     update = callbacks.LeastSquaresUpdate()
     update.on_fit_start(None, m)
     m.tokenizer, m.context_prefixes, m.layers, m.z_layer = None, [], layers, layers[-1]
-    outputs = {"z": None, "start": time.perf_counter(), "steps": torch.ones(2), "z_seconds": 0.0}
+    outputs = {"z": torch.zeros(1, 4), "start": time.perf_counter(), "steps": torch.ones(2), "z_seconds": 0.0}
     expected_prev = {l: torch.zeros_like(bufs[l]) for l in layers}
     for i in range(3):
         update.on_train_batch_end(None, m, outputs, ["request"], i)
