@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, make_tiny_model
+from test_distributed import free_port
 
 FIT = [
     "--model.layers=[1,2]", "--model.solver.lambda_p=0.01", "--model.solver.lambda_n=0.01", "--model.target.v_num_grad_steps=6",
@@ -26,11 +27,31 @@ FIT = [
 def train(model_dir, root, *extra, env):
     cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "fit", f"--model.model_name_or_path={model_dir}", *FIT,
            f"--trainer.default_root_dir={root}", *extra]
-    return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = open(root / f"log-{len(list(root.glob('log-*')))}.txt", "w+")  # a file: a full pipe would stall the run
+    # a session of its own: SIGKILL to the group kills every process of a multi-process run
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def kill_after_first_checkpoint(proc, root) -> int:
+    """SIGKILL the run (all its processes) as soon as its first checkpoint exists; how many requests it holds."""
+    ckpt = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    while not ckpt.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (root / "lightning_logs" / "version_0" / "results.json").exists()
+    done = len(torch.load(ckpt, weights_only=True)["encore_pl"]["edited"])
+    assert 2 <= done < 8, "the run should have been killed in the middle"
+    return done
 
 
 def finish(proc) -> str:
-    out, _ = proc.communicate(timeout=600)
+    proc.wait(timeout=600)
+    proc.log.seek(0)
+    out = proc.log.read()
     assert proc.returncode == 0, out[-4000:]
     return out
 
@@ -44,17 +65,7 @@ def runs(tiny_llama_dir, tmp_path_factory):
     whole.mkdir(), killed.mkdir()
     finish(train(tiny_llama_dir, whole, env=env))
 
-    proc = train(tiny_llama_dir, killed, env=env)
-    ckpt = killed / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    while not ckpt.exists() and proc.poll() is None:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    state = torch.load(ckpt, weights_only=True)
-    killed_after = len(state["encore_pl"]["edited"])
-    assert 2 <= killed_after < 8, "the run should have been killed in the middle"
-    assert not (killed / "lightning_logs" / "version_0" / "results.json").exists()
+    killed_after = kill_after_first_checkpoint(train(tiny_llama_dir, killed, env=env), killed)
     resumed_out = finish(train(tiny_llama_dir, killed, "--ckpt_path=last", env=env))
     return {"whole": whole / "lightning_logs" / "version_0", "killed": killed / "lightning_logs" / "version_0",
             "killed_after": killed_after, "resumed_out": resumed_out, "env": env, "root": root}
@@ -126,3 +137,20 @@ def test_patch_refuses_the_wrong_base(runs, tiny_llama_dir, tmp_path):
     assert not (tmp_path / "out").exists()
     proc = patch_cli("revert", "--model", tiny_llama_dir, "--patch", patch, "--output", tmp_path / "out")
     assert proc.returncode == 1 and "refusing to revert the patch" in proc.stderr
+
+
+def test_two_processes_killed_and_resumed_match_one_uninterrupted(runs, tiny_llama_dir):
+    root = runs["root"] / "ddp"
+    root.mkdir()
+    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp"]
+    env = {**runs["env"], "MASTER_PORT": str(free_port())}
+    kill_after_first_checkpoint(train(tiny_llama_dir, root, *ddp, env=env), root)
+    finish(train(tiny_llama_dir, root, *ddp, "--ckpt_path=last", env={**env, "MASTER_PORT": str(free_port())}))
+    run = root / "lightning_logs" / "version_0"
+    a, b = load_file(runs["whole"] / "edits.safetensors"), load_file(run / "edits.safetensors")
+    for name in a:
+        assert (a[name] - b[name]).abs().max() <= 1e-5, name  # 2 processes vs 1: see test_distributed
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (runs["whole"], run))
+    assert [h["num_edits"] for h in rb["history"]] == [2, 4, 6, 8] and ra["z_steps"] == rb["z_steps"]
+    for key in ("efficacy_score", "paraphrase_score", "neighborhood_score"):  # metric sums restored once, not per process
+        assert abs(ra[key] - rb[key]) < 1e-6 and abs(ra["pre"][key] - rb["pre"][key]) < 1e-6
