@@ -158,7 +158,8 @@ class LeastSquaresUpdate(L.Callback):
 
 
 class DownstreamEvaluation(L.Callback):
-    """Few-shot downstream ability and perplexity, before the first batch and every N batches.
+    """Few-shot downstream ability and perplexity, before the first batch and every N batches
+    (with several processes, each scores its share of the items and sequences).
 
     Each task's answer is chosen by comparing the log-probabilities of its label words after a
     k-shot prompt (more reliable on small models than parsing generated text). Scores go to
@@ -214,9 +215,11 @@ class DownstreamEvaluation(L.Callback):
         point = {"num_edits": len(pl_module.edited)}
         model, tok = pl_module.model, pl_module.tokenizer
         for task in tqdm(self.tasks, desc=f"downstream evaluation at {point['num_edits']} edits", leave=False):
-            point[task] = score_task(model, tok, task, self.records[task], self.k_shot, self.n_items, self.batch_size)["f1"]
+            point[task] = score_task(model, tok, task, self.records[task], self.k_shot, self.n_items, self.batch_size,
+                                     pl_module.ranks)["f1"]
         if self.perplexity_file:
-            point["perplexity"] = perplexity(model, tok, self.perplexity_file, self.perplexity_tokens, batch_size=self.batch_size)
+            point["perplexity"] = perplexity(model, tok, self.perplexity_file, self.perplexity_tokens, batch_size=self.batch_size,
+                                             ranks=pl_module.ranks)
         pl_module.downstream_history.append(point)
         if trainer.logger is not None and trainer.is_global_zero:
             trainer.logger.log_metrics({f"downstream/{k}": v for k, v in point.items() if k != "num_edits"}, step=point["num_edits"])

@@ -31,10 +31,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from transformers import DynamicCache
 
+from .distributed import Ranks
 from .keys import pad_right
 from .prompts import common_prefix, encode_target
 
@@ -412,18 +414,22 @@ def choose_answers(model, tok, examples: Sequence[Example], batch_size: int = 8)
 
 
 def score_task(
-    model, tok, name: str, records: Sequence[dict], k_shot: int = 4, n_items: int = 100, batch_size: int = 8
+    model, tok, name: str, records: Sequence[dict], k_shot: int = 4, n_items: int = 100, batch_size: int = 8,
+    ranks: Optional[Ranks] = None,
 ) -> dict[str, float | int]:
     """Few-shot score of the model on one task: {"f1", "accuracy"} in percent, and "n" items.
 
     The first `k_shot` records are the shots, the next `n_items` are scored. F1 is that of the
     task's positive class (label 1 for sst2/mrpc/cola, entailment for rte/nli) or, for mmlu, the
-    macro-F1 over the four choices.
+    macro-F1 over the four choices. With several processes (`ranks`) each answers its share of
+    the items and the answers are gathered.
     """
+    ranks = ranks or Ranks()
     task = get_task(name)
     items = few_shot_prompts(records, task, k_shot, n_items)
     gold = [ex.answer for ex in items]
-    pred = choose_answers(model, tok, items, batch_size)
+    mine = torch.tensor(choose_answers(model, tok, ranks.share(items), batch_size), dtype=torch.long)
+    pred = ranks.gather(mine, len(items)).tolist()
     if task.positive is None:
         f1 = macro_f1(gold, pred, labels=range(task.num_candidates))
     else:
@@ -472,14 +478,17 @@ def _first_tokens(tok, text_file: Path, max_tokens: int, margin: int = 32) -> li
 
 @torch.no_grad()
 def perplexity(
-    model, tok, text_file: str | Path, max_tokens: int = 20000, seq_len: int = 512, batch_size: int = 4
+    model, tok, text_file: str | Path, max_tokens: int = 20000, seq_len: int = 512, batch_size: int = 4,
+    ranks: Optional[Ranks] = None,
 ) -> float:
     """Perplexity on the first `max_tokens` tokens of a UTF-8 text file.
 
     The tokens (no special tokens added) are cut into non-overlapping sequences of `seq_len` (the
     last may be shorter); within each sequence every token but the first is predicted. The result
-    is exp(mean NLL over all predicted tokens).
+    is exp(mean NLL over all predicted tokens). With several processes (`ranks`) each runs its
+    share of the sequences and the sums are added up.
     """
+    ranks = ranks or Ranks()
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     ids = _first_tokens(tok, Path(text_file), max_tokens)
@@ -488,6 +497,7 @@ def perplexity(
     if not chunks:
         raise ValueError(f"{text_file}: too little text ({len(ids)} tokens) to measure perplexity")
 
+    chunks = ranks.share(chunks)
     device = _device(model)
     total_nll, count = 0.0, 0
     with _eval_mode(model):
@@ -500,4 +510,5 @@ def perplexity(
             )
             total_nll += nll.item()
             count += int((targets != -100).sum())
+    total_nll, count = ranks.sum(torch.tensor([total_nll, float(count)], dtype=torch.float64)).tolist()
     return math.exp(total_nll / count)

@@ -8,7 +8,8 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, SHARED_DATA
+from test_cli import DOWNSTREAM
 
 
 def free_port() -> int:
@@ -29,6 +30,11 @@ def fit(model_dir, root, devices: int, cache) -> dict:
     ]
     if devices > 1:
         args.append("--trainer.strategy=ddp")
+    if (SHARED_DATA / "encore-eval").exists():  # few-shot tasks and perplexity, split over the processes too
+        config = root / "downstream.yaml"
+        config.write_text(DOWNSTREAM.format(glue=SHARED_DATA / "encore-eval" / "glue_eval",
+                                            text=SHARED_DATA / "wikitext-2-pytorch-examples" / "valid.txt"))
+        args += ["--config", str(config)]
     env = {**__import__("os").environ, "ENCORE_PL_CACHE": str(cache), "MASTER_PORT": str(free_port())}
     proc = subprocess.run(args, cwd=root, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -61,4 +67,9 @@ def test_two_processes_edit_exactly_as_one(tiny_llama_dir, tmp_path):
         assert abs(one["pre"][key] - two["pre"][key]) < 1e-6, key
     assert max(abs(a - b) for a, b in zip(one["natural_probs"], two["natural_probs"])) < 1e-6
     assert [r["num_edits"] for r in two["retention"]] == [3, 5]
+    if (SHARED_DATA / "encore-eval").exists():  # the same F1s and perplexity, before the first batch and after each
+        assert [p["num_edits"] for p in two["downstream_history"]] == [0, 3, 5]
+        for a, b in zip(one["downstream_history"], two["downstream_history"]):
+            assert a["sst2"] == b["sst2"] and a["mmlu"] == b["mmlu"]
+            assert abs(a["perplexity"] - b["perplexity"]) <= 1e-5 * a["perplexity"]
     assert abs(one["retention"][0]["efficacy_score"] - two["retention"][0]["efficacy_score"]) < 1e-6
