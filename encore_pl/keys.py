@@ -35,22 +35,28 @@ def block_output(output) -> torch.Tensor:
 
 
 @contextmanager
-def capture(lm: LocatedModel, key_layers: list[int], output_layers: list[int], stop_after: int):
-    """Record down-matrix inputs of `key_layers`, block outputs of `output_layers`; stop after a layer."""
+def capture(lm: LocatedModel, key_layers: list[int], output_layers: list[int]):
+    """Record down-matrix inputs of `key_layers` and block outputs of `output_layers`; the forward
+    pass stops (StopForward) right after the last of them is recorded."""
     keys, outputs, handles = {}, {}, []
+    # The last record: block omax's output, unless a key of a later layer comes after it.
+    last_key = max(key_layers, default=-1)
+    stop_at_key = last_key > max(output_layers, default=-1)
+
+    def keep_key(module, args, layer):
+        keys[layer] = args[0]
+        if stop_at_key and layer == last_key:
+            raise StopForward
+
+    def keep_output(module, args, out, layer):
+        outputs[layer] = block_output(out)
+        if not stop_at_key and layer == max(output_layers):
+            raise StopForward
+
     for layer in key_layers:
-        handles.append(
-            lm.down_proj(layer).register_forward_pre_hook(lambda m, args, l=layer: keys.__setitem__(l, args[0]))
-        )
+        handles.append(lm.down_proj(layer).register_forward_pre_hook(lambda m, a, l=layer: keep_key(m, a, l)))
     for layer in output_layers:
-        handles.append(
-            lm.block(layer).register_forward_hook(lambda m, a, out, l=layer: outputs.__setitem__(l, block_output(out)))
-        )
-
-    def stop(module, args, output):
-        raise StopForward
-
-    handles.append(lm.block(stop_after).register_forward_hook(stop))
+        handles.append(lm.block(layer).register_forward_hook(lambda m, a, out, l=layer: keep_output(m, a, out, l)))
     try:
         yield keys, outputs
     finally:
@@ -106,7 +112,6 @@ def compute_keys(
     """Keys [n, d_ff] per layer, and (if `z_layer`) layer `z_layer`'s output [n, d] on the bare prompt."""
     contexts = [""] + list(prefixes)
     encoded = [encode(tok, r.prompt, r.subject, prefix=c) for r in requests for c in contexts]
-    stop_after = max(layers + ([z_layer] if z_layer is not None else []))
     out_layers = [z_layer] if z_layer is not None else []
     row_keys = {l: [] for l in layers}
     row_outs = []
@@ -116,7 +121,7 @@ def compute_keys(
         ids, mask = pad_right([e.ids for e in chunk], tok.pad_token_id, device)
         where = torch.tensor([e.subject_last for e in chunk], device=device)
         rows = torch.arange(len(chunk), device=device)
-        with capture(lm, layers, out_layers, stop_after) as (keys, outputs):
+        with capture(lm, layers, out_layers) as (keys, outputs):
             run_to_stop(lm, input_ids=ids, attention_mask=mask)
         for l in layers:
             row_keys[l].append(keys[l][rows, where].float())
