@@ -12,13 +12,14 @@ batches and none needs saving beyond the seed.
     python scripts/train.py fit --config CONFIG.yaml --ckpt_path last     # resumes the latest run
 """
 
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+
+from .files import replaced
 
 
 class EditCheckpoint(L.Callback):
@@ -52,14 +53,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
     ever unpickled)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with replaced(Path(path)) as tmp:
+            torch.save(checkpoint, tmp)
 
     def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict:
         path = Path(path)

@@ -22,6 +22,7 @@ from .data import EditRequest
 from .distributed import Ranks
 from .diagnostics import mlp_residual_ratio, probe_texts
 from .evaluation import generate_texts, n_gram_entropy, score_requests
+from .files import replaced
 from .layouts import LocatedModel
 from .metrics import CounterFactScores, GenerationEntropy
 from .models import DEFAULT_MODEL, load_model_and_tokenizer
@@ -335,10 +336,8 @@ class KnowledgeEditor(L.LightningModule):
         if self.logger is not None:  # the final scores in TensorBoard too, at 0 and at all edits
             self.logger.log_metrics({f"scores/{k}": v for k, v in results["pre"].items()}, step=0)
             self.logger.log_metrics({f"scores/{k}": results[k] for k in results["pre"]}, step=results["num_edits"])
-        log_dir.mkdir(parents=True, exist_ok=True)
-        tmp = log_dir / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(log_dir / "results.json")  # atomic: complete or absent
+        with replaced(log_dir / "results.json") as tmp:
+            tmp.write_text(json.dumps(results, indent=2))
         self.write_patch(log_dir)
         print(format_table({"pre-edit": results["pre"], "post-edit": results}))
         print(

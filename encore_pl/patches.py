@@ -12,13 +12,13 @@ reverted only from a model it was applied to.
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .files import replaced
 from .layouts import LocatedModel
 
 
@@ -41,11 +41,8 @@ def edit_increments(lm: LocatedModel, base: dict[int, torch.Tensor]) -> dict[str
 
 def save_patch(path: Path, increments: dict[str, torch.Tensor], metadata: dict) -> None:
     """Write atomically: the file is either complete or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file(increments, str(tmp), metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
-    os.chmod(tmp, 0o644)  # safetensors creates it private
-    os.replace(tmp, path)
+    with replaced(path) as tmp:
+        save_file(increments, str(tmp), metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
 
 
 def load_patch(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

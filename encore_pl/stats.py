@@ -8,7 +8,6 @@ weights, the layer, the corpus, the token count, `seq_len` and dtype.
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .keys import StopForward, run_to_stop
+from .files import replaced
+from .keys import capture, run_to_stop
 from .distributed import Ranks
 from .layouts import LocatedModel
 from .models import cache_dir
@@ -215,17 +215,9 @@ def compute_key_statistics(
     device = lm.model.device
     compute_dtype = getattr(torch, cfg.compute_dtype) if cfg.compute_dtype else None
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype is not None)
-    keys: dict[int, torch.Tensor] = {}
-
-    def keep(module, args, layer):
-        keys[layer] = args[0]
-        if layer == max(missing):
-            raise StopForward  # nothing after the last key is needed
-
-    handles = [lm.down_proj(l).register_forward_pre_hook(lambda m, a, l=l: keep(m, a, l)) for l in missing]
     mine = ranks.share(chunks)  # this process's sequences
     bar = tqdm(total=sum(len(c) for c in mine), desc=f"C0 for layers {missing}", unit="tok")
-    try:
+    with capture(lm, missing, []) as (keys, _):  # the forward stops at the last key needed
         for i in range(0, len(mine), cfg.batch_size):
             batch = mine[i : i + cfg.batch_size]
             width = max(len(c) for c in batch)
@@ -239,20 +231,14 @@ def compute_key_statistics(
                 count += ids.numel()
                 bar.update(ids.numel())
             bar.set_postfix(tok_per_s=f"{count / (time.time() - t0):.0f}")
-    finally:
-        for h in handles:
-            h.remove()
-        bar.close()
+    bar.close()
     count = int(ranks.sum(torch.tensor(float(count), dtype=torch.float64)).item())
     for l in missing:
         c0 = (ranks.sum(sums[l]) / count).to(getattr(torch, cfg.dtype))
         result[l] = c0
         if ranks.rank != 0:
             continue
-        path = cache_path(fingerprint, l, cfg, corpus_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
         meta = {"model": fingerprint, "layer": str(l), "tokens": str(count), "corpus": corpus_id, "config": json.dumps(asdict(cfg))}
-        save_file({"c0": c0.contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)  # atomic: a cache file is either complete or absent
+        with replaced(cache_path(fingerprint, l, cfg, corpus_id)) as tmp:  # a cache file is complete or absent
+            save_file({"c0": c0.contiguous()}, str(tmp), metadata=meta)
     return result
