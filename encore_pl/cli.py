@@ -3,7 +3,9 @@
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -68,16 +70,29 @@ def quiet_lightning_warnings() -> None:
 
 
 def raised_here(error: BaseException) -> bool:
-    """Whether `error` was raised by this package's own code (its message is written for users)."""
+    """Whether `error` was raised by this project's own code (its message is written for users)."""
     tb = error.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
+    where = Path(tb.tb_frame.f_code.co_filename).resolve() if tb is not None else None
+    return where is not None and any(where.is_relative_to(d) for d in (PACKAGE_DIR, PACKAGE_DIR.parent / "scripts"))
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad input or bad numbers, explained in one message: no traceback (ENCORE_PL_DEBUG=1 shows it)."""
+    try:
+        yield
+    except (ValueError, OSError, ArithmeticError) as e:
+        if not raised_here(e) or os.environ.get("ENCORE_PL_DEBUG"):
+            raise
+        print(f"encore-pl: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def main(args=None) -> None:
     quiet_lightning_warnings()
-    try:
+    with user_errors():
         EditingCLI(
             KnowledgeEditor,
             EditDataModule,
@@ -85,9 +100,3 @@ def main(args=None) -> None:
             save_config_kwargs={"overwrite": True},
             args=args,
         )
-    except (ValueError, OSError, ArithmeticError) as e:
-        # Bad input or bad numbers, explained in one message: no traceback (ENCORE_PL_DEBUG=1 shows it).
-        if not raised_here(e) or os.environ.get("ENCORE_PL_DEBUG"):
-            raise
-        print(f"encore-pl: error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None

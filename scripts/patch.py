@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from jsonargparse import CLI  # noqa: E402
 
+from encore_pl.cli import user_errors  # noqa: E402
 from encore_pl.layouts import LocatedModel  # noqa: E402
 from encore_pl.models import load_model_and_tokenizer  # noqa: E402
 from encore_pl.patches import apply_patch, load_patch  # noqa: E402
@@ -70,8 +71,5 @@ def show(patch: str) -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with user_errors():
         CLI([apply, revert, show], as_positional=False)
-    except (ValueError, OSError) as e:
-        print(f"encore-pl: error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
