@@ -49,6 +49,14 @@ def measure_matmul_rate(dtype: torch.dtype, device: torch.device, size: int = 20
     return best
 
 
+def flops_per_token(m: KnowledgeEditor) -> tuple[int, int, int]:
+    """(attention width, FLOPs of one block's matrices, FLOPs of the vocabulary head), per token."""
+    cfg = m.model.config
+    d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    linear = 2 * sum(p.numel() for p in m.lm.block(0).parameters() if p.dim() == 2)
+    return d_attn, linear, 2 * cfg.hidden_size * cfg.vocab_size
+
+
 def z_optimisation_flops(m: KnowledgeEditor, batch_size: int) -> float:
     """The model FLOPs the batched z optimisation of this run needed, padding excluded.
 
@@ -58,10 +66,7 @@ def z_optimisation_flops(m: KnowledgeEditor, batch_size: int) -> float:
     batch: every prefix token through the whole model (shared context tokens once) and the
     suffixes through blocks 0..z_layer.
     """
-    cfg = m.model.config
-    d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-    linear = 2 * sum(p.numel() for p in m.lm.block(0).parameters() if p.dim() == 2)  # per token and block
-    head = 2 * cfg.hidden_size * cfg.vocab_size
+    d_attn, linear, head = flops_per_token(m)
     after, before = m.lm.num_layers - m.z_layer - 1, m.z_layer + 1
 
     def block_flops(context: int, backward: bool) -> float:
@@ -73,15 +78,12 @@ def z_optimisation_flops(m: KnowledgeEditor, batch_size: int) -> float:
     for start in range(0, len(m.edited), batch_size):
         requests = m.edited[start : start + batch_size]
         rows = build_rows(m.tokenizer, requests, m.context_prefixes)
-        for g in set(rows.context) - {-1}:  # shared context tokens, once per group
-            shared = len(common_prefix([p for p, c in zip(rows.prefix, rows.context) if c == g]))
-            total += m.lm.num_layers * linear * shared
+        shared = {g: len(common_prefix([p for p, c in zip(rows.prefix, rows.context) if c == g]))
+                  for g in set(rows.context) - {-1}}
+        total += m.lm.num_layers * linear * sum(shared.values())  # shared context tokens, once per group
         for r in range(len(rows.prefix)):
-            shared = 0
-            if rows.context[r] >= 0:
-                shared = len(common_prefix([p for p, c in zip(rows.prefix, rows.context) if c == rows.context[r]]))
             p_len, s_len = len(rows.prefix[r]), len(rows.suffix[r])
-            total += m.lm.num_layers * linear * (p_len - shared)  # the row's own prefix tokens
+            total += m.lm.num_layers * linear * (p_len - shared.get(rows.context[r], 0))  # the row's own prefix tokens
             total += before * sum(block_flops(p_len + j + 1, False) for j in range(s_len))
             reads = len(rows.targets[r]) if rows.kind[r] < 2 else 1
             s = steps[start + int(rows.request[r])]
@@ -94,10 +96,7 @@ def z_optimisation_flops(m: KnowledgeEditor, batch_size: int) -> float:
 def reference_z_flops(m: KnowledgeEditor, batch_size: int) -> float:
     """The model FLOPs the reference loop spends on the same requests and steps: per step, all
     prompts of one request right-padded to the longest, every block, the head at every position."""
-    cfg = m.model.config
-    d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-    linear = 2 * sum(p.numel() for p in m.lm.block(0).parameters() if p.dim() == 2)
-    head = 2 * cfg.hidden_size * cfg.vocab_size
+    d_attn, linear, head = flops_per_token(m)
     total = 0.0
     for start in range(0, len(m.edited), batch_size):
         requests = m.edited[start : start + batch_size]
