@@ -18,26 +18,25 @@ from tqdm.auto import tqdm
 from .data import EditRequest
 from .distributed import Ranks
 from .keys import WindowKeys
-from .layouts import LocatedModel
+from .edited import EditedLayers
 from .solvers import WoodburySolver
 
 Solve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, resid, keys) -> D
 
 
 def spread_update(
-    lm: LocatedModel,
+    edited: EditedLayers,
     tok,
     requests: list[EditRequest],
     prefixes: list[str],
-    layers: list[int],
     z_layer: int,
     z: torch.Tensor,
     solve: Solve,
     seconds: Optional[dict[str, float]] = None,
     ranks: Optional[Ranks] = None,
 ) -> dict[int, "Increment"]:
-    """Apply the update layer by layer; return {layer: Increment}. A non-finite update of any
-    layer undoes those already applied and raises FloatingPointError.
+    """Apply the update layer by layer (the window of `edited`); return {layer: Increment}. A
+    non-finite update of any layer undoes those already applied and raises FloatingPointError.
 
     `seconds` (if given) accumulates the time spent on "keys" and on "solve". With several
     processes (`ranks`), each computes the keys of its share of the requests, all are gathered,
@@ -46,6 +45,7 @@ def spread_update(
     applied = {}
     seconds = {} if seconds is None else seconds
     ranks = ranks or Ranks()
+    lm, layers = edited.lm, edited.layers
     share = ranks.share(requests)
     window = WindowKeys(lm, tok, share, prefixes, z_layer) if share else None
     d_out, d_ff = lm.weight_out_in(layers[0]).shape
@@ -60,10 +60,12 @@ def spread_update(
         k = keys.T.double()  # [d_ff, n]
         resid = (z.to(current.device) - current).T.double() / (len(layers) - j)  # [d_model, n]
         middle = time.perf_counter()
+        # Process 0 solves (float64) and broadcasts the increment as float32, the precision of the
+        # cumulative increment it joins: every process then adds the same bits.
         if ranks.rank == 0:
-            d = solve(layer, resid, k)
+            d = solve(layer, resid, k).to(device, torch.float32)
         else:
-            d = torch.empty(d_out, d_ff, dtype=torch.float64, device=k.device)
+            d = torch.empty(d_out, d_ff, dtype=torch.float32, device=device)
         d = ranks.broadcast(d.contiguous())
         seconds["keys"] = seconds.get("keys", 0.0) + middle - start
         seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - middle
@@ -71,46 +73,50 @@ def spread_update(
             for done in applied.values():  # undo: the weights are left exactly as they were
                 done.restore()
             raise FloatingPointError(f"the update of layer {layer} is not finite")
-        applied[layer] = Increment(d, k, lm.weight(layer).detach().clone(), lm, layer)
-        lm.add_to_weight(layer, d)
+        applied[layer] = Increment(d, k, edited.increment(layer).clone(), edited, layer)
+        edited.add(layer, d)
     return applied
 
 
 class Increment(NamedTuple):
-    """One layer's applied update: increment D [out, in], keys K [d_ff, n], the weight before."""
+    """One layer's applied update: increment D [out, in], keys K [d_ff, n], the cumulative
+    increment before it."""
 
     d: torch.Tensor
     k: torch.Tensor
     before: torch.Tensor
-    lm: LocatedModel
+    edited: EditedLayers
     layer: int
 
-    @torch.no_grad()
     def restore(self) -> None:
-        self.lm.weight(self.layer).copy_(self.before)
+        """The layer's cumulative increment and weight as they were (bitwise: the weight is a
+        function of the increment)."""
+        self.edited.increment(self.layer).copy_(self.before)
+        self.edited.set_weight(self.layer)
 
 
 class LeastSquaresUpdate(L.Callback):
     """Applies the solver's closed-form update to the located down matrices after each step.
 
-    One `WoodburySolver` per edited layer caches that layer's M^-1 across batches. The cache is no
-    state of its own: it is rebuilt from the module's prev_keys buffers (what checkpoints carry).
+    One `WoodburySolver` per edited layer caches that layer's M^-1 across batches, on process 0
+    (the only one that solves), on `solver.state_device`. The cache is no state of its own: it is
+    rebuilt from the running key sums (what checkpoints carry).
     """
 
     def __init__(self) -> None:
         self.solvers: dict[int, WoodburySolver] = {}
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.solvers = {}  # C0 and prev_keys may be new: rebuild on first use
+        self.solvers = {}  # C0 and the key sums may be new: rebuild on first use
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         m = pl_module
-        cfg = m.solver
+        cfg, edited = m.solver, m.edited_layers
 
         def solve(layer: int, resid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
             if layer not in self.solvers:
                 self.solvers[layer] = WoodburySolver(cfg, m.c0[layer], m.projectors.get(layer))
-            return self.solvers[layer].solve(resid, k, m.prev_keys(layer) if cfg.use_prev_keys else None)
+            return self.solvers[layer].solve(resid, k, edited.key_sums[layer] if cfg.use_prev_keys else None)
 
         def reject(requests: list[EditRequest], reason: str) -> None:
             ids = [r.case_id for r in requests]
@@ -126,19 +132,19 @@ class LeastSquaresUpdate(L.Callback):
             batch, z = [r for r, ok in zip(batch, finite) if ok], z[torch.tensor(finite, device=z.device)]
         phases = {"z": outputs["z_seconds"]}
         try:
-            applied = spread_update(m.lm, m.tokenizer, batch, m.context_prefixes, m.layers, m.z_layer, z, solve, phases, m.ranks) if batch else {}
+            applied = spread_update(edited, m.tokenizer, batch, m.context_prefixes, m.z_layer, z, solve, phases, m.ranks) if batch else {}
         except FloatingPointError as e:
             reject(batch, str(e))
             batch, applied = [], {}
         for layer, inc in applied.items():
             if layer in self.solvers:  # process 0's
                 self.solvers[layer].absorb(inc.k)
-            m.prev_keys(layer).add_(inc.k @ inc.k.T)
+            edited.add_keys(layer, inc.k)  # process 0 holds the key sums
         m.edited.extend(batch)
 
         seconds = time.perf_counter() - outputs["start"]
         steps = outputs["steps"].float()
-        norms = {l: m.lm.weight_out_in(l).norm().item() for l in applied}
+        norms = {l: m.lm.weight_out_in(l).float().norm().item() for l in applied}
         m.history.append({
             "batch": batch_idx,
             "num_edits": len(m.edited),

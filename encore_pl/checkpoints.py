@@ -61,7 +61,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
         try:
-            checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=True)
+            # mmap: every process of a run reads the file, none holds all of it in RAM at once
+            checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=True, mmap=True)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"checkpoint {path} cannot be read (corrupt, or not an encore-pl checkpoint): {first}") from None

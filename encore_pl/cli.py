@@ -9,6 +9,7 @@ from typing import Iterator
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.precision import Precision
 
 from .checkpoints import EditCheckpoint, SafeCheckpointIO, find_last_checkpoint
 from .data import EditDataModule
@@ -35,11 +36,16 @@ class EditingCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs):
-        """As LightningCLI's, with "ddp" meaning the project's EditingDDPStrategy and checkpoints
-        written atomically and read without unpickling code."""
+        """As LightningCLI's, with "ddp" (and every setting for which Lightning would pick its DDP) meaning
+        the project's EditingDDPStrategy, settings that would break the editing state refused, and
+        checkpoints written atomically and read without unpickling code."""
         config = self._get(self.config_init, "trainer", default={})
-        kwargs["strategy"] = editing_strategy(config.get("strategy", "auto"), config.get("devices"), config.get("num_nodes"))
-        kwargs["plugins"] = [*(config.get("plugins") or []), SafeCheckpointIO()]
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        refuse_precision(config.get("precision"), plugins)
+        kwargs["strategy"] = editing_strategy(config.get("strategy", "auto"), config.get("devices"),
+                                              config.get("num_nodes"), config.get("accelerator", "auto"))
+        kwargs["plugins"] = [*plugins, SafeCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
@@ -59,6 +65,23 @@ class EditingCLI(LightningCLI):
         run_dir = Path(ckpt_path).resolve().parent.parent  # <root>/version_N/checkpoints/last.ckpt
         if run_dir.name.startswith("version_") and run_dir.parent == Path(logger.root_dir).resolve():
             logger._version = run_dir.name  # TensorBoardLogger has no public setter; set before first use
+
+
+def refuse_precision(precision: object, plugins: list) -> None:
+    """Only full precision ("32-true"): Lightning's other settings convert what must stay as it is.
+    bf16-true/16-true cast every floating buffer of the module (plugins/precision/half.py
+    `convert_module`), the float32 cumulative increments and metric sums included; 64-true makes the whole
+    model float64; the mixed settings autocast the z optimisation. The model's own dtype is set with
+    --model.dtype."""
+    given = [f"--trainer.precision {precision}"] if str(precision) not in ("None", "32", "32-true") else []
+    given += [f"the precision plugin {type(p).__name__}" for p in plugins
+              if isinstance(p, Precision) and type(p) is not Precision]
+    if given:
+        raise ValueError(f"{given[0]} is not supported: only 32-true, which leaves the model and the editing "
+                         "state as they are (bf16-true and 16-true would cast the float32 edit state, 64-true the whole "
+                         "model, the mixed settings autocast the z optimisation); set the model's dtype with "
+                         "--model.dtype (e.g. bfloat16)")
+
 
 def quiet_lightning_warnings() -> None:
     """Silence Lightning warnings that describe this design, not a problem: the frozen model is in
@@ -86,7 +109,8 @@ def user_errors() -> Iterator[None]:
     except (ValueError, OSError, ArithmeticError) as e:
         if not raised_here(e) or os.environ.get("ENCORE_PL_DEBUG"):
             raise
-        print(f"encore-pl: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"encore-pl: error: {e}\n")  # one write: lines of several processes do not interleave
+        sys.stderr.flush()
         raise SystemExit(1) from None
 
 

@@ -333,6 +333,8 @@ def candidate_logprobs(model, tok, examples: Sequence[Example], batch_size: int 
     several candidates (all single-token candidates of an item) are run once. Sequences are sorted
     by length and batched with right padding and an attention mask.
     """
+    if not examples:  # e.g. a process's empty share when there are more processes than items
+        return []
     # the fed sequences, deduplicated; each candidate: (sequence index, first position, token ids)
     sequences: list[list[int]] = []
     seq_index: dict[tuple[int, ...], int] = {}
@@ -428,7 +430,7 @@ def score_task(
     task = get_task(name)
     items = few_shot_prompts(records, task, k_shot, n_items)
     gold = [ex.answer for ex in items]
-    mine = torch.tensor(choose_answers(model, tok, ranks.share(items), batch_size), dtype=torch.long)
+    mine = torch.tensor(choose_answers(model, tok, ranks.share(items), batch_size), dtype=torch.long, device="cpu")
     pred = ranks.gather(mine, len(items)).tolist()
     if task.positive is None:
         f1 = macro_f1(gold, pred, labels=range(task.num_candidates))
@@ -510,5 +512,5 @@ def perplexity(
             )
             total_nll += nll.item()
             count += int((targets != -100).sum())
-    total_nll, count = ranks.sum(torch.tensor([total_nll, float(count)], dtype=torch.float64)).tolist()
+    total_nll, count = ranks.sum(torch.tensor([total_nll, float(count)], dtype=torch.float64, device="cpu")).tolist()
     return math.exp(total_nll / count)

@@ -30,8 +30,8 @@ def target_nll_and_accuracy(
         seqs.append(p + t[:-1])
         spans.append((len(p) - 1, t))
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    nll = torch.zeros(len(seqs))
-    acc = torch.zeros(len(seqs))
+    nll = torch.zeros(len(seqs), device="cpu")  # per-pair results on the host
+    acc = torch.zeros(len(seqs), device="cpu")
     device = lm.model.device
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in tqdm(batches, desc=desc, disable=desc is None, leave=False):
@@ -42,21 +42,21 @@ def target_nll_and_accuracy(
             start, t = spans[i]
             for j, token in enumerate(t):
                 rows.append(local), cols.append(start + j), toks.append(token), owner.append(i)
-        logits = lm.logits(hidden[torch.tensor(rows), torch.tensor(cols)]).float()
+        logits = lm.logits(hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]).float()
         toks = torch.tensor(toks, device=device)
         token_nll = -logits.log_softmax(-1).gather(1, toks[:, None]).squeeze(1).cpu()
         token_ok = (logits.argmax(-1) == toks).float().cpu()
-        owner = torch.tensor(owner)
-        counts = torch.zeros(len(seqs)).index_add(0, owner, torch.ones(len(owner)))
-        nll += torch.zeros(len(seqs)).index_add(0, owner, token_nll) / counts.clamp(min=1)
-        acc += torch.zeros(len(seqs)).index_add(0, owner, token_ok) / counts.clamp(min=1)
+        owner = torch.tensor(owner, device="cpu")
+        counts = torch.zeros(len(seqs), device="cpu").index_add(0, owner, torch.ones(len(owner), device="cpu"))
+        nll += torch.zeros(len(seqs), device="cpu").index_add(0, owner, token_nll) / counts.clamp(min=1)
+        acc += torch.zeros(len(seqs), device="cpu").index_add(0, owner, token_ok) / counts.clamp(min=1)
     return nll, acc
 
 
 def _per_case(values: torch.Tensor, owners: list[int], n: int) -> torch.Tensor:
-    owners_t = torch.tensor(owners, dtype=torch.long)
-    total = torch.zeros(n).index_add(0, owners_t, values.float())
-    count = torch.zeros(n).index_add(0, owners_t, torch.ones(len(owners)))
+    owners_t = torch.tensor(owners, dtype=torch.long, device="cpu")
+    total = torch.zeros(n, device="cpu").index_add(0, owners_t, values.float())
+    count = torch.zeros(n, device="cpu").index_add(0, owners_t, torch.ones(len(owners), device="cpu"))
     return total / count.clamp(min=1)
 
 
@@ -84,7 +84,7 @@ def score_requests(
         for _, prompt, keep, other in items:
             pairs += [(prompt, keep), (prompt, other)]
     nll, acc = target_nll_and_accuracy(lm, tok, pairs, batch_size, desc)
-    zsre = torch.tensor([r.kind == "zsre" for r in requests])
+    zsre = torch.tensor([r.kind == "zsre" for r in requests], dtype=torch.bool, device="cpu")
     out = {}
     for name, items in groups.items():
         owners = [i for i, *_ in items]
@@ -94,7 +94,7 @@ def score_requests(
         accuracy = _per_case(acc[start : start + 2 * m : 2], owners, n)
         magnitude = _per_case(torch.exp(-good) - torch.exp(-bad), owners, n)
         out[name] = torch.where(zsre, accuracy, success)
-        out[f"{name}_magnitude"] = torch.where(zsre, torch.zeros(n), magnitude)
+        out[f"{name}_magnitude"] = torch.where(zsre, torch.zeros(n, device="cpu"), magnitude)
         if name == "efficacy":  # P(new) and P(true) on the rewrite prompt
             out["new_prob"], out["true_prob"] = torch.exp(-good), torch.exp(-bad)
     return out
@@ -138,10 +138,10 @@ def generate_texts(
             torch.manual_seed(seed * 1000003 + b)
             chunk = [tok(p).input_ids for p in prompts[start : start + batch_size]]
             width = max(len(c) for c in chunk)
-            ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+            ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long, device="cpu")
             mask = torch.zeros_like(ids)
             for i, c in enumerate(chunk):  # left padding for generation
-                ids[i, width - len(c) :] = torch.tensor(c)
+                ids[i, width - len(c) :] = torch.tensor(c, device="cpu")
                 mask[i, width - len(c) :] = 1
             out = lm.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, top_k=top_k, top_p=1.0,

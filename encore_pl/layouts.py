@@ -71,13 +71,6 @@ class LocatedModel:
         w = self.weight(layer)
         return w.T if self.layout.transposed else w
 
-    @torch.no_grad()
-    def add_to_weight(self, layer: int, delta_out_in: torch.Tensor) -> None:
-        """Add an [out, in] increment to the stored weight, in the weight's dtype."""
-        w = self.weight(layer)
-        d = delta_out_in.T if self.layout.transposed else delta_out_in
-        w.add_(d.to(device=w.device, dtype=w.dtype))
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits from final (already normed) hidden states."""
         logits = self.model.get_output_embeddings()(hidden)

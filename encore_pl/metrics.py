@@ -1,4 +1,9 @@
-"""Edit scores as torchmetrics Metrics: sum states, so they reduce correctly across processes."""
+"""Edit scores as torchmetrics Metrics: sum states, so they reduce correctly across processes.
+
+Their states are made without a device on purpose: a metric is created with its module and moves
+with it (tests/test_devices.py runs a fit with the meta device as default, so a metric created
+later, whose states would stay on the CPU while NCCL synchronises them, fails there).
+"""
 
 import torch
 from torchmetrics import Metric
@@ -43,7 +48,7 @@ class OverallScore(Metric):
     def compute(self) -> torch.Tensor:
         means = 100.0 * self.totals / self.count.clamp(min=1)
         if (means <= 0).any():
-            return torch.tensor(0.0, dtype=torch.float64)
+            return torch.zeros((), dtype=torch.float64, device=means.device)
         return 3.0 / (1.0 / means).sum()
 
 

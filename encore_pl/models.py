@@ -8,6 +8,7 @@ directory in well under a second.
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,7 +69,12 @@ def smollm2_dir() -> Path:
             del config.quantization_config  # the saved weights are plain float32
         config.save_pretrained(partial)
         tok.save_pretrained(partial)
-        partial.rename(target)
+        try:
+            partial.rename(target)
+        except OSError:  # another process (e.g. of the same torchrun job) built it first
+            if not (target / "model.safetensors").exists():
+                raise
+            shutil.rmtree(partial, ignore_errors=True)
     return target
 
 

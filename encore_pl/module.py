@@ -20,13 +20,14 @@ from .callbacks import LeastSquaresUpdate
 from .checkpoints import EditCheckpoint
 from .data import EditRequest
 from .distributed import Ranks
+from .edited import EditedLayers
 from .diagnostics import mlp_residual_ratio, probe_texts
 from .evaluation import generate_texts, n_gram_entropy, score_requests
 from .files import replaced
 from .layouts import LocatedModel
 from .metrics import CounterFactScores, GenerationEntropy
 from .models import DEFAULT_MODEL, load_model_and_tokenizer
-from .patches import edit_increments, save_patch, weights_sha256
+from .patches import save_patch, weights_sha256
 from .prompts import generate_context_prefixes
 from .solvers import SolverConfig, nullspace_projector
 from .stats import KeyStatistics, compute_key_statistics
@@ -108,20 +109,24 @@ class KnowledgeEditor(L.LightningModule):
         self.model, self.tokenizer = load_model_and_tokenizer(model_name_or_path, dtype, trust_remote_code)
         self.lm = LocatedModel(self.model)
         self.lm.check_layers(self.layers + [self.z_layer])
+        if target.chunk_size is not None and target.chunk_size < 1:
+            raise ValueError(f"target.chunk_size must be at least 1 (or null), got {target.chunk_size}")
         if self.z_layer < self.layers[-1]:
             raise ValueError(f"z_layer {self.z_layer} must not precede the last edited layer {self.layers[-1]}")
-        d_ff = self.lm.weight_out_in(self.layers[0]).shape[1]
-        # Lifelong state (buffers are saved with checkpoints).
-        for l in self.layers:
-            self.register_buffer(f"prev_keys_{l}", torch.zeros(d_ff, d_ff, dtype=torch.float64))
+        # Lifelong state of the edited matrices: base weights and cumulative increments (buffers,
+        # they follow the model to its device), running key sums (process 0, solver.state_device).
+        self.edited_layers = EditedLayers(self.lm, self.layers)
+        self.loaded_key_sums: Optional[dict[int, torch.Tensor]] = None  # from a checkpoint, until placed
         self.context_prefixes: list[str] = []
         self.edited: list[EditRequest] = []
-        self.c0: dict[int, torch.Tensor] = {}
-        self.projectors: dict[int, torch.Tensor] = {}
-        self.original_norms = {l: self.lm.weight_out_in(l).norm().item() for l in self.layers}
-        self.base_weights = {l: self.lm.weight_out_in(l).detach().clone() for l in self.layers}  # for the patch
-        self.base_sha256 = weights_sha256({self.lm.down_proj_name(l): w.float().cpu() for l, w in self.base_weights.items()})
+        self.c0: dict[int, torch.Tensor] = {}  # float32, host memory (copied where a solver needs it)
+        self.key_stats_info: dict = {}  # tokens, documents and source of C0
+        self.projectors: dict[int, torch.Tensor] = {}  # AlphaEdit, process 0, solver.state_device
+        self.original_norms = {l: self.lm.weight_out_in(l).float().norm().item() for l in self.layers}
+        self.base_sha256 = weights_sha256(self.edited_layers.base_weights())
+        # Metrics are submodules, created here: they follow the model to its device.
         self.pre_scores, self.post_scores, self.val_scores = CounterFactScores(), CounterFactScores(), CounterFactScores()
+        self.retention_scores = CounterFactScores()
         self.pre_entropy, self.post_entropy = GenerationEntropy(), GenerationEntropy()
         self.history: list[dict] = []  # one record per edit batch
         self.retention: list[dict] = []  # scores of the requests edited so far, every N batches
@@ -149,16 +154,22 @@ class KnowledgeEditor(L.LightningModule):
     def configure_optimizers(self):
         return None  # the model is frozen; each step optimises its own target vectors
 
-    def prev_keys(self, layer: int) -> torch.Tensor:
-        return getattr(self, f"prev_keys_{layer}")
-
     def on_fit_start(self) -> None:
+        self.ranks.require_same(self.base_sha256, "base model weights")
         if not self.context_prefixes:  # sampled once, by process 0, so every process has the same
             prefixes = generate_context_prefixes(self.model, self.tokenizer, self.hparams.seed) if self.ranks.rank == 0 else None
             self.context_prefixes = self.ranks.broadcast_object(prefixes)
-        self.c0 = compute_key_statistics(self.lm, self.tokenizer, self.layers, self.key_stats, self.ranks)
-        if self.solver.method == "alphaedit":
-            self.projectors = {l: nullspace_projector(c, self.solver.nullspace_threshold) for l, c in self.c0.items()}
+        self.c0 = compute_key_statistics(self.lm, self.tokenizer, self.layers, self.key_stats, self.ranks, info=self.key_stats_info)
+        # The float64 state of the solves exists only where they run: process 0, on state_device.
+        state_device = torch.device(self.solver.state_device) if self.solver.state_device else self.device
+        if state_device.type == "mps":  # MPS has no float64
+            state_device = torch.device("cpu")
+        solves_here = self.ranks.rank == 0
+        self.edited_layers.place_key_sums(state_device if solves_here else None, self.loaded_key_sums)
+        self.loaded_key_sums = None
+        if self.solver.method == "alphaedit" and solves_here:  # the eigendecomposition on that device
+            self.projectors = {l: nullspace_projector(c.to(state_device), self.solver.nullspace_threshold)
+                               for l, c in self.c0.items()}
 
     def on_train_start(self) -> None:
         start = time.perf_counter()
@@ -209,7 +220,8 @@ class KnowledgeEditor(L.LightningModule):
         every = self.evaluation.every_n_batches
         if every and (batch_idx + 1) % every == 0:
             requests = self.sample(self.edited, self.evaluation.retention_sample, salt=batch_idx)
-            scores = CounterFactScores()
+            scores = self.retention_scores
+            scores.reset()
             scores.update(self.score(requests))
             point = {"num_edits": len(self.edited), **scores.compute()}
             self.retention.append(point)
@@ -219,7 +231,7 @@ class KnowledgeEditor(L.LightningModule):
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_histogram") and self.trainer.is_global_zero:
             experiment.add_histogram("edit/target_prob_at_stop", outputs["target_prob"], len(self.edited))
-            experiment.add_histogram("edit/natural_prob_of_true_object", torch.tensor(self.natural_probs), len(self.edited))
+            experiment.add_histogram("edit/natural_prob_of_true_object", torch.tensor(self.natural_probs, device="cpu"), len(self.edited))
             experiment.add_histogram("edit/z_steps", outputs["steps"].float(), len(self.edited))
 
     def on_train_end(self) -> None:
@@ -274,7 +286,7 @@ class KnowledgeEditor(L.LightningModule):
         ranks = self.ranks
         texts = generate_texts(self.lm, self.tokenizer, prompts, self.evaluation.generation_length, seed=self.hparams.seed,
                                stride=(ranks.rank, ranks.world))
-        return torch.tensor([n_gram_entropy(t) for t in texts])
+        return torch.tensor([n_gram_entropy(t) for t in texts], device="cpu")
 
     # Results ----------------------------------------------------------------------------------
 
@@ -296,7 +308,7 @@ class KnowledgeEditor(L.LightningModule):
                 "evaluation": sum(self.evaluation_seconds.values()),  # pre- and post-edit scoring
             },
             "weight_norms": {
-                self.lm.down_proj_name(l): [self.original_norms[l], self.lm.weight_out_in(l).norm().item()]
+                self.lm.down_proj_name(l): [self.original_norms[l], self.lm.weight_out_in(l).float().norm().item()]
                 for l in self.layers
             },
         }
@@ -315,6 +327,7 @@ class KnowledgeEditor(L.LightningModule):
         results.update(
             layers=self.layers,
             z_layer=self.z_layer,
+            key_stats=self.key_stats_info,
             history=self.history,
             retention=self.retention,
             downstream_history=self.downstream_history,
@@ -351,12 +364,11 @@ class KnowledgeEditor(L.LightningModule):
         log_dir = Path(log_dir or self.trainer.log_dir or ".")
         if not self.trainer.is_global_zero:
             return
-        increments = edit_increments(self.lm, self.base_weights)
+        increments, base = self.edited_layers.increments(), self.edited_layers.base_weights()
         save_patch(log_dir / "edits.safetensors", increments, {
             "base_model": self.hparams.model_name_or_path,
             "base_sha256": self.base_sha256,
-            "patched_sha256": weights_sha256({name: self.base_weights[l].float().cpu() + increments[name]
-                                              for l, name in zip(self.layers, increments)}),
+            "patched_sha256": weights_sha256({name: base[name] + increments[name] for name in increments}),
             "method": self.solver.method, "layers": self.layers,
             "config": self.plain_hparams(),
             "request_ids": [r.case_id for r in self.edited],
@@ -370,19 +382,23 @@ class KnowledgeEditor(L.LightningModule):
         return json.loads(json.dumps({k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in self.hparams.items()}))
 
     def lifelong_keys(self) -> set[str]:
-        """The state_dict entries a checkpoint keeps: edited weights and running sums of keys."""
-        return {f"model.{self.lm.down_proj_name(l)}.weight" for l in self.layers} | {f"prev_keys_{l}" for l in self.layers}
+        """The state_dict entries a checkpoint keeps: cumulative increments and running key sums."""
+        return {f"{name}_{l}" for l in self.layers for name in ("increment", "prev_keys")}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep only the lifelong state; everything in plain types (loadable with weights_only=True)."""
-        keep = self.lifelong_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        """Keep only the lifelong state; everything in plain types (loadable with weights_only=True).
+        Written by process 0, which holds the key sums."""
+        edited = self.edited_layers
+        checkpoint["state_dict"] = {f"increment_{l}": edited.increment(l) for l in self.layers}
+        checkpoint["state_dict"].update({f"prev_keys_{l}": s for l, s in edited.key_sums.items()})
         checkpoint["hyper_parameters"] = self.plain_hparams()
         # metric sums of every process, added up (only process 0 writes the checkpoint)
         metrics = {f"{name}.{state}": self.ranks.sum(getattr(m, state).detach().clone())
                    for name, m in self.named_modules() if isinstance(m, Metric) for state in m._defaults}
         checkpoint["encore_pl"] = {
+            "format": CHECKPOINT_FORMAT,
             "base_sha256": self.base_sha256,
+            "key_stats": self.key_stats_info,
             "context_prefixes": self.context_prefixes,
             "edited": [asdict(r) for r in self.edited],
             "skipped": self.skipped,
@@ -393,12 +409,20 @@ class KnowledgeEditor(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restore the lifelong state, after checking that the checkpoint belongs to this run."""
         state, saved = checkpoint["encore_pl"], checkpoint.get("hyper_parameters", {})
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError("cannot resume: the checkpoint was written by an older encore-pl (it holds edited weights, "
+                             "not cumulative increments); start the run again")
         mine = self.plain_hparams()
         differ = [k for k in ("layers", "z_layer", "solver", "target", "key_stats", "seed", "dtype") if saved.get(k) != mine.get(k)]
         if state["base_sha256"] != self.base_sha256:
             differ.insert(0, "base model weights")
         if differ or set(checkpoint["state_dict"]) != self.lifelong_keys():
             raise ValueError(f"cannot resume: the checkpoint belongs to a different run ({', '.join(differ) or 'edited layers'} differ)")
+        weights = checkpoint.pop("state_dict")  # restored here, not by Lightning's load_state_dict
+        checkpoint["state_dict"] = {}
+        self.edited_layers.load_increments({l: weights[f"increment_{l}"] for l in self.layers})
+        self.loaded_key_sums = {l: weights[f"prev_keys_{l}"] for l in self.layers}  # placed in on_fit_start
+        self.key_stats_info = state["key_stats"]
         self.context_prefixes = state["context_prefixes"]
         self.edited = [EditRequest(**r) for r in state["edited"]]
         self.skipped = state["skipped"]
@@ -412,6 +436,8 @@ class KnowledgeEditor(L.LightningModule):
             m._update_count = max(m._update_count, 1)  # compute() without a warning
             m._computed = None
 
+
+CHECKPOINT_FORMAT = 2  # 2: cumulative increments instead of edited weights
 
 # Records of the run kept in checkpoints (besides prefixes, edited requests and metric sums).
 RECORDS = ("history", "retention", "downstream_history", "natural_probs", "target_probs", "z_steps",

@@ -31,14 +31,6 @@ def weights_sha256(weights: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def edit_increments(lm: LocatedModel, base: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{module name: current minus base weight [out, in]} for every layer in `base`."""
-    return {
-        lm.down_proj_name(l): (lm.weight_out_in(l).detach().float() - w.float()).cpu().contiguous()
-        for l, w in base.items()
-    }
-
-
 def save_patch(path: Path, increments: dict[str, torch.Tensor], metadata: dict) -> None:
     """Write atomically: the file is either complete or absent."""
     with replaced(path) as tmp:

@@ -17,13 +17,14 @@ def generate_context_prefixes(
     The global random state is left untouched; `seed` alone fixes the result.
     """
     prefixes = []
-    with torch.random.fork_rng(devices=[]):
+    device = model.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # CUDA's RNG restored too
         torch.manual_seed(seed)
         for start in starts:
-            enc = tok(start, return_tensors="pt").to(model.device)
-            n_new = max(1, length - enc.input_ids.shape[1])
+            ids = torch.tensor([tok(start).input_ids], device=device)
+            n_new = max(1, length - ids.shape[1])
             out = model.generate(
-                **enc, do_sample=True, top_k=top_k, top_p=1.0, temperature=1.0, max_new_tokens=n_new,
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=top_k, top_p=1.0, temperature=1.0, max_new_tokens=n_new,
                 min_new_tokens=n_new, pad_token_id=tok.pad_token_id,
             )
             text = tok.decode(out[0], skip_special_tokens=True)
@@ -72,7 +73,9 @@ def encode(tok, template: str, subject: str, prefix: str = "", target: str = "",
 
 
 def common_prefix(seqs: list[list[int]]) -> list[int]:
-    """The longest run of tokens that every sequence starts with."""
+    """The longest run of tokens that every sequence starts with (none of no sequences)."""
+    if not seqs:
+        return []
     n = min(len(s) for s in seqs)
     for i in range(n):
         if any(s[i] != seqs[0][i] for s in seqs):

@@ -80,6 +80,6 @@ def reference_target_vectors(
     return TargetVectors(
         z=torch.stack([o[0] for o in out]),
         h=torch.stack([o[1] for o in out]),
-        steps=torch.tensor([o[2] for o in out]),
-        target_prob=torch.tensor([o[3] for o in out]),
+        steps=torch.tensor([o[2] for o in out], device="cpu"),
+        target_prob=torch.tensor([o[3] for o in out], device="cpu"),
     )

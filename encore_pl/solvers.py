@@ -37,6 +37,10 @@ class SolverConfig:
             n > d_ff / 4 keys always take the plain path.
         refactor_every: "woodbury": rebuild M^-1 from the previous keys every this many batches, to
             bound rounding drift (0 = every batch, i.e. the plain "cholesky" path).
+        state_device: where the float64 state of the solves lives and the solves run: the running
+            key sums, the cached M^-1 and AlphaEdit's projector (d_ff x d_ff each, per layer, on
+            process 0 only). None: the model's device. "cpu": host memory, e.g. to fit Llama3-8B
+            on a 24 GB GPU (the keys and residuals go to the host, the increment comes back).
     """
 
     method: Method = "encore"
@@ -47,6 +51,7 @@ class SolverConfig:
     nullspace_threshold: float = 2e-2
     solve: Literal["woodbury", "cholesky"] = "woodbury"
     refactor_every: int = 50
+    state_device: Optional[str] = None
 
 
 def _solve_right(resid_kt: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -132,6 +137,7 @@ class WoodburySolver:
 
     def __init__(self, cfg: SolverConfig, c0: torch.Tensor, projector: Optional[torch.Tensor] = None):
         self.cfg, self.c0 = cfg, c0
+        self.device = None if cfg.state_device is None else torch.device(cfg.state_device)  # None: the keys'
         self.projector = projector if cfg.method == "alphaedit" else None
         self.minv: Optional[torch.Tensor] = None  # M^-1 [d_ff, d_ff], float64
         self.absorbed = 0  # batches absorbed since the cache was built
@@ -147,17 +153,22 @@ class WoodburySolver:
         return encore_update(resid, keys, self.c0.to(keys.device), cfg.lambda_p, lambda_n, prev)
 
     def build(self, prev: Optional[torch.Tensor], device: torch.device) -> None:
-        """M^-1 from scratch: Cholesky, then cholesky_inverse."""
+        """M^-1 from scratch: Cholesky, then cholesky_inverse (at most two d_ff x d_ff float64
+        temporaries besides M^-1; the old M^-1 is dropped first)."""
         cfg = self.cfg
-        d_ff = self.c0.shape[0] if self.projector is None else self.projector.shape[0]
-        eye = torch.eye(d_ff, dtype=torch.float64, device=device)
+        self.minv = None
         if cfg.method == "alphaedit":
             p = self.projector = self.projector.to(device, torch.float64)
-            m = cfg.alphaedit_l2 * eye + (0 if prev is None else p @ prev.double() @ p)
+            m = torch.zeros_like(p) if prev is None else p @ prev.double() @ p
+            m.diagonal().add_(cfg.alphaedit_l2)
         else:
-            lambda_n = cfg.lambda_n if cfg.method == "encore" else 0.0
-            m = cfg.lambda_p * self.c0.to(device, torch.float64) + lambda_n * eye + (0 if prev is None else prev.double())
-        self.minv = torch.cholesky_inverse(torch.linalg.cholesky(m))
+            m = self.c0.to(device, torch.float64) * cfg.lambda_p
+            m.diagonal().add_(cfg.lambda_n if cfg.method == "encore" else 0.0)
+            if prev is not None:
+                m += prev
+        chol = torch.linalg.cholesky(m)
+        del m
+        self.minv = torch.cholesky_inverse(chol)
         self.absorbed, self.prev_trace = 0, 0.0 if prev is None else prev.diagonal().sum().item()
 
     def factor(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,6 +181,10 @@ class WoodburySolver:
         """D for this batch; `prev` = sum of earlier batches' K K^T (None: not used)."""
         cfg = self.cfg
         self.last = None
+        given = keys
+        device = self.device or keys.device
+        resid, keys = resid.to(device), keys.to(device)
+        prev = None if prev is None else prev.to(device)  # no copy: the sums live on this device
         if cfg.solve == "cholesky" or cfg.refactor_every <= 0 or keys.shape[1] > WOODBURY_MAX_N_RATIO * keys.shape[0]:
             return self.plain(resid, keys, prev)
         trace = 0.0 if prev is None else prev.diagonal().sum().item()
@@ -177,7 +192,7 @@ class WoodburySolver:
         if self.minv is None or self.absorbed >= cfg.refactor_every or stale:
             self.build(prev, keys.device)
         x, chol = self.factor(keys)
-        self.last = (keys, x, chol)
+        self.last = (given, x, chol)
         return resid.double() @ torch.cholesky_solve(x.T, chol)  # R (X (I + G)^-1)^T
 
     def absorb(self, keys: torch.Tensor) -> None:
@@ -187,9 +202,10 @@ class WoodburySolver:
         if self.last is None and keys.shape[1] > WOODBURY_MAX_N_RATIO * keys.shape[0]:
             self.minv = None  # a large batch: rebuild at the next solve
             return
-        x, chol = self.last[1:] if self.last is not None and self.last[0] is keys else self.factor(keys)
+        keys_here = keys.to(self.minv.device)
+        x, chol = self.last[1:] if self.last is not None and self.last[0] is keys else self.factor(keys_here)
         z = torch.linalg.solve_triangular(chol, x.T, upper=False)  # L^-1 X^T
         self.minv -= z.T @ z  # M^-1 - X (I + G)^-1 X^T
         self.absorbed += 1
-        self.prev_trace += keys.double().square().sum().item()
+        self.prev_trace += keys_here.double().square().sum().item()
         self.last = None

@@ -1,17 +1,23 @@
 """C0: the uncentred second moment E[k k^T] of the down-matrix inputs over a text corpus.
 
 All layers of the window come from one pass over the corpus, which stops after the last layer
-needed. Text is tokenised, joined with EOS and packed into sequences of `seq_len` tokens, so no
-token is padding. Results are cached on disk, one safetensors file per layer, keyed by the model's
-weights, the layer, the corpus, the token count, `seq_len` and dtype.
+needed. As the published computation: each document of the corpus is one sequence, tokenised as
+the model's prompts are (`tok(text)`, special tokens included: BOS where the tokenizer adds it),
+cut to `seq_len` tokens; sequences are right-padded in batches and only non-padding tokens count.
+With `packing: true` (and for text sampled from the model) text is tokenised without special
+tokens, joined with EOS and packed into sequences of `seq_len` tokens instead. Results are cached
+on disk, one safetensors file per layer, keyed by the model's weights, the layer, the corpus, the
+token count, `seq_len`, the mode and dtype.
 """
 
 import hashlib
 import json
+import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from safetensors import safe_open
@@ -23,6 +29,8 @@ from .keys import capture, run_to_stop
 from .distributed import Ranks
 from .layouts import LocatedModel
 from .models import cache_dir
+
+SAMPLED_TOKENS = 32768  # model-sampled corpus size when num_tokens is None
 
 
 @dataclass
@@ -37,8 +45,16 @@ class KeyStatistics:
         num_tokens: use at most this many tokens (None = the whole corpus). With neither files
             nor hf_dataset, this many tokens are sampled from the model itself (offline default).
         num_texts: use at most this many documents, each cut to `seq_len` tokens (the published
-            code's "mom2_n_samples"); None = no limit. Documents are blank-line separated in files.
-        seq_len: tokens per packed sequence.
+            code's "mom2_n_samples"); None = no limit. How files are cut into documents: see
+            `split_documents` (with `packing`, on "\n\n" as before).
+        seq_len: tokens per document (the model's context, as published); with `packing`, tokens
+            per packed sequence.
+        packing: False (default): one document per sequence, padded and masked, as published.
+            True: the earlier scheme, documents joined with EOS and packed into `seq_len` chunks
+            (no special tokens, no padding); kept so caches and tuned results stay as they were.
+            Text sampled from the model is always packed.
+        min_tokens_factor: refuse a C0 from fewer than this many tokens per key dimension (d_ff),
+            computed or cached; 0 turns the check off.
         batch_size: sequences per forward pass.
         seed: seed of the model-sampled corpus.
         dtype: dtype of the stored C0.
@@ -54,6 +70,8 @@ class KeyStatistics:
     num_tokens: Optional[int] = 32768
     num_texts: Optional[int] = None
     seq_len: int = 512
+    packing: bool = False
+    min_tokens_factor: float = 10.0
     batch_size: int = 8
     seed: int = 0
     dtype: str = "float32"
@@ -72,41 +90,137 @@ class KeyStatistics:
             return "hf-" + self.hf_dataset.replace("/", "_").replace(":", "_")
         return f"model-samples-seed{self.seed}"
 
+    def documents(self) -> bool:
+        """One document per padded sequence (False: packed, as with text sampled from the model)."""
+        return not self.packing and bool(self.files or self.hf_dataset)
+
+    def source(self) -> str:
+        """What the corpus is, for people: the files, the dataset, or the model's samples."""
+        if self.files:
+            return ", ".join(str(f) for f in self.files)
+        if self.hf_dataset:
+            return self.hf_dataset
+        return f"model samples (seed {self.seed})"
+
 
 def model_fingerprint(model) -> str:
     """A short hash of the input embeddings: tells models apart without hashing every weight."""
-    emb = model.get_input_embeddings().weight.detach().float().cpu().contiguous()
+    emb = model.get_input_embeddings().weight.detach().cpu().float().contiguous()  # to the host first: no GPU copy
     h = hashlib.sha256(emb.numpy().tobytes())
     h.update(json.dumps([model.config.model_type, model.config.num_hidden_layers]).encode())
     return h.hexdigest()[:16]
 
 
-def corpus_token_ids(tok, model, cfg: KeyStatistics) -> list[int]:
-    """The corpus as one stream of token ids (documents joined by EOS)."""
-    limit = cfg.num_tokens
-    if cfg.files or cfg.hf_dataset:
-        if cfg.files:
-            texts = (line for f in cfg.files for line in Path(f).read_text(encoding="utf-8").split("\n\n"))
-        else:
-            import datasets
+def split_documents(text: str) -> list[str]:
+    """The documents of a local text file, each stripped of surrounding whitespace.
 
-            path, *rest = cfg.hf_dataset.split(":")
-            config = rest[0] if rest else None
-            split = rest[1] if len(rest) > 1 else "train"
-            texts = (r[cfg.text_field] for r in datasets.load_dataset(path, config, split=split, streaming=True))
-        stream, n_texts = [], 0
-        for text in texts:
-            if not text.strip():
-                continue
-            ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
-            if cfg.num_texts is not None:
-                ids = ids[: cfg.seq_len]
-            stream.extend(ids)
-            n_texts += 1
-            if (limit is not None and len(stream) >= limit) or (cfg.num_texts is not None and n_texts >= cfg.num_texts):
-                break
-        return stream[:limit] if limit is not None else stream
-    return sample_from_model(model, tok, limit or 32768, cfg.seq_len, cfg.batch_size, cfg.seed)
+    A WikiText-style file, one with top-level title lines such as " = Homarus gammarus = "
+    (section headings such as " = = History = = " are not titles), is cut before each title: one
+    document per article, its title included. Any other file is cut at blank lines (empty or
+    whitespace only): one document per paragraph. Text before the first title is a document too.
+    """
+    title = re.compile(r"\s*=\s+[^=\s](?:.*[^=\s])?\s+=\s*")
+    lines = text.split("\n")
+    titled = any(title.fullmatch(line) for line in lines)
+    docs, current = [], []
+    for line in lines:
+        if titled and title.fullmatch(line):
+            docs.append("\n".join(current))
+            current = [line]
+        elif not titled and not line.strip():
+            docs.append("\n".join(current))
+            current = []
+        else:
+            current.append(line)
+    docs.append("\n".join(current))
+    return [d.strip() for d in docs if d.strip()]
+
+
+def corpus_texts(cfg: KeyStatistics) -> Iterator[str]:
+    """The corpus's texts in order: the files' documents, or the `datasets` corpus's rows.
+
+    With `packing`, files are cut on "\n\n" (the earlier scheme, kept so its results stay the same).
+    """
+    if cfg.files:
+        for f in cfg.files:
+            text = Path(f).read_text(encoding="utf-8")
+            yield from (text.split("\n\n") if cfg.packing else split_documents(text))
+        return
+    import datasets
+
+    path, *rest = cfg.hf_dataset.split(":")
+    config = rest[0] if rest else None
+    split = rest[1] if len(rest) > 1 else "train"
+    yield from (r[cfg.text_field] for r in datasets.load_dataset(path, config, split=split, streaming=True))
+
+
+def packed_stream(tok, texts: Iterator[str], cfg: KeyStatistics) -> tuple[list[int], int]:
+    """The `packing` scheme: texts tokenised without special tokens, each followed by EOS, in one
+    stream (with `num_texts`, each text cut to `seq_len` tokens first). Returns the stream and the
+    number of texts in it."""
+    limit = cfg.num_tokens
+    stream, n_texts = [], 0
+    for text in texts:
+        if not text.strip():
+            continue
+        ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        if cfg.num_texts is not None:
+            ids = ids[: cfg.seq_len]
+        stream.extend(ids)
+        n_texts += 1
+        if (limit is not None and len(stream) >= limit) or (cfg.num_texts is not None and n_texts >= cfg.num_texts):
+            break
+    return (stream[:limit] if limit is not None else stream), n_texts
+
+
+def document_sequences(tok, texts: Iterator[str], cfg: KeyStatistics) -> list[list[int]]:
+    """One sequence per document, as the published computation: `tok(text)` with the tokenizer's
+    special tokens, cut to `seq_len` tokens; at most `num_texts` documents and `num_tokens` tokens
+    (the last document cut to fit).
+
+    BOS comes from the tokenizer (Llama's adds it). A tokenizer that has a BOS but does not add
+    it gets none: GPT-2's (<|endoftext|>) and SmolLM2-Instruct's (<|im_start|>, its chat-turn
+    marker). The published code does not add one either, and the edit and evaluation prompts
+    (`tok(text)`) do not start with it, so C0 weighs the positions that editing meets.
+    """
+    seqs, total = [], 0
+    for text in texts:
+        if not text.strip():
+            continue
+        ids = tok(text, truncation=True, max_length=cfg.seq_len).input_ids
+        if cfg.num_tokens is not None:
+            ids = ids[: cfg.num_tokens - total]
+        seqs.append(ids)
+        total += len(ids)
+        if (cfg.num_tokens is not None and total >= cfg.num_tokens) or (cfg.num_texts is not None and len(seqs) >= cfg.num_texts):
+            break
+    return seqs
+
+
+def corpus_sequences(tok, model, cfg: KeyStatistics) -> tuple[list[list[int]], int]:
+    """The token sequences of the pass, and how many documents they come from: documents, packed
+    texts, or sequences sampled from the model (each `seq_len` tokens, packed as they come)."""
+    if cfg.documents():
+        seqs = document_sequences(tok, corpus_texts(cfg), cfg)
+        return seqs, len(seqs)
+    if cfg.files or cfg.hf_dataset:
+        stream, documents = packed_stream(tok, corpus_texts(cfg), cfg)
+    else:
+        stream = sample_from_model(model, tok, cfg.num_tokens or SAMPLED_TOKENS, cfg.seq_len, cfg.batch_size, cfg.seed)
+        documents = math.ceil(len(stream) / cfg.seq_len)
+    return [stream[i : i + cfg.seq_len] for i in range(0, len(stream), cfg.seq_len)], documents
+
+
+def check_enough(tokens: int, d_ff: int, cfg: KeyStatistics, what: str, source: str) -> None:
+    """Refuse a C0 from fewer than `min_tokens_factor` x d_ff tokens: its rank is at most the token
+    count, so a small corpus gives a nearly empty preservation term (and null space)."""
+    needed = math.ceil(cfg.min_tokens_factor * d_ff)
+    if tokens < needed:
+        raise ValueError(
+            f"{what} comes from {tokens:,} tokens of {source}, fewer than the {needed:,} needed "
+            f"({cfg.min_tokens_factor:g} x d_ff {d_ff}): use more text (model.key_stats.files, num_texts, "
+            "num_tokens, seq_len) or lower model.key_stats.min_tokens_factor (0 turns this check off)"
+        )
 
 
 @torch.no_grad()
@@ -115,7 +229,7 @@ def sample_from_model(model, tok, num_tokens: int, seq_len: int, batch_size: int
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     stream: list[int] = []
     bar = tqdm(total=num_tokens, desc="sampling C0 corpus from the model", unit="tok")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):  # CUDA's RNG restored too
         torch.manual_seed(seed)
         while len(stream) < num_tokens:
             ids = torch.full((batch_size, 1), start, dtype=torch.long, device=model.device)
@@ -137,13 +251,17 @@ def cache_path(fingerprint: str, layer: int, cfg: KeyStatistics, corpus_id: str)
         parts.append(cfg.num_texts)
     if cfg.compute_dtype is not None:
         parts.append(f"compute={cfg.compute_dtype}")
+    if cfg.documents():  # only here: packed caches keep the keys they were written under
+        parts.append("documents")
     key = json.dumps(parts)
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     return cache_dir() / "stats" / f"c0-{fingerprint}-layer{layer}-{digest}.safetensors"
 
 
-def load_cached(path: Path, d_ff: int, fingerprint: str, layer: int, corpus_id: str) -> Optional[torch.Tensor]:
-    """The cached C0, or None; a clear error if the file is corrupt or was made for something else."""
+def load_cached(path: Path, d_ff: int, fingerprint: str, layer: int, corpus_id: str) -> Optional[tuple[torch.Tensor, dict]]:
+    """The cached C0 and what it comes from ({"tokens", "documents", "source"}; the last two None
+    in caches written before they were recorded), or None; a clear error if the file is corrupt or
+    was made for something else."""
     if not path.exists():
         return None
     try:
@@ -158,7 +276,9 @@ def load_cached(path: Path, d_ff: int, fingerprint: str, layer: int, corpus_id: 
         raise ValueError(f"key-statistics cache {path} belongs to another model, layer or corpus ({which}); delete it to recompute")
     if c0.shape != (d_ff, d_ff):
         raise ValueError(f"key-statistics cache {path} has shape {tuple(c0.shape)}, expected {(d_ff, d_ff)}")
-    return c0
+    documents = meta.get("documents")
+    documents = None if documents is None else int(documents)
+    return c0, {"tokens": int(meta["tokens"]), "documents": documents, "source": meta.get("source")}
 
 
 def add_gram(acc: torch.Tensor, k: torch.Tensor) -> None:
@@ -178,67 +298,92 @@ def add_gram(acc: torch.Tensor, k: torch.Tensor) -> None:
 
 @torch.no_grad()
 def compute_key_statistics(
-    lm: LocatedModel, tok, layers: list[int], cfg: KeyStatistics, ranks: Optional[Ranks] = None
+    lm: LocatedModel, tok, layers: list[int], cfg: KeyStatistics, ranks: Optional[Ranks] = None,
+    info: Optional[dict] = None,
 ) -> dict[int, torch.Tensor]:
     """C0 for every layer of `layers`, from the cache or from one pass over the corpus.
 
     With several processes (`ranks`), each runs every world-th sequence, the sums are added up
-    across processes, and process 0 alone writes the cache.
+    across processes, and process 0 alone writes the cache. `info`, if given, is filled with what
+    C0 comes from: {"tokens": non-padding tokens, "documents": documents (texts when packed,
+    sampled sequences for the model's own text), "source": the corpus}; as C0, process 0's cache
+    decides. A C0 from fewer than `cfg.min_tokens_factor` x d_ff tokens is refused.
     """
     ranks = ranks or Ranks()
     fingerprint = model_fingerprint(lm.model)
     corpus_id = cfg.corpus_id()
     d_ff = lm.weight_out_in(layers[0]).shape[1]
-    result, missing = {}, []
+    result, missing, used = {}, [], None
     for layer in layers:
         cached = load_cached(cache_path(fingerprint, layer, cfg, corpus_id), d_ff, fingerprint, layer, corpus_id)
         if cached is None:
             missing.append(layer)
         else:
-            result[layer] = cached
+            result[layer], used = cached
     if ranks.world > 1:  # process 0's cache decides (it may be the only writer): every process gets its C0
-        missing = ranks.broadcast_object(missing)
+        missing, used = ranks.broadcast_object([missing, used])
         for layer in layers:
             if layer in missing:
                 result.pop(layer, None)
             else:
-                mine = result[layer] if ranks.rank == 0 else torch.empty(d_ff, d_ff, dtype=getattr(torch, cfg.dtype))
+                empty = torch.empty(d_ff, d_ff, dtype=getattr(torch, cfg.dtype), device="cpu")
+                mine = result[layer] if ranks.rank == 0 else empty
                 result[layer] = ranks.broadcast(mine)
+    if used is not None:  # every layer of a window comes from one pass over the same corpus
+        used["source"] = used["source"] or cfg.source()
+        check_enough(used["tokens"], d_ff, cfg, f"the cached C0 (in {cache_dir() / 'stats'})", used["source"])
     if not missing:
+        if info is not None:
+            info.update(used)
         return result
 
-    stream = corpus_token_ids(tok, lm.model, cfg)
-    chunks = [stream[i : i + cfg.seq_len] for i in range(0, len(stream), cfg.seq_len)]
-    sums = {l: torch.zeros(d_ff, d_ff, dtype=torch.float64) for l in missing}
+    if not (cfg.files or cfg.hf_dataset):  # the sample's size is known: refuse before sampling
+        check_enough(cfg.num_tokens or SAMPLED_TOKENS, d_ff, cfg, "C0", cfg.source())
+    seqs, documents = corpus_sequences(tok, lm.model, cfg)
+    check_enough(sum(len(s) for s in seqs), d_ff, cfg, "C0", cfg.source())
+    if cfg.documents():  # similar lengths batched together: little padding (the sums do not depend on the order)
+        seqs = sorted(seqs, key=len, reverse=True)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0  # masked, after the real tokens: never read
+    sums = {l: torch.zeros(d_ff, d_ff, dtype=torch.float64, device="cpu") for l in missing}
     count = 0
     t0 = time.time()
     device = lm.model.device
     compute_dtype = getattr(torch, cfg.compute_dtype) if cfg.compute_dtype else None
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype is not None)
-    mine = ranks.share(chunks)  # this process's sequences
+    mine = ranks.share(seqs)  # this process's sequences
     bar = tqdm(total=sum(len(c) for c in mine), desc=f"C0 for layers {missing}", unit="tok")
     with capture(lm, missing, []) as (keys, _):  # the forward stops at the last key needed
         for i in range(0, len(mine), cfg.batch_size):
             batch = mine[i : i + cfg.batch_size]
-            width = max(len(c) for c in batch)
-            groups = [batch] if all(len(c) == width for c in batch) else [[c] for c in batch]
-            for group in groups:  # only the corpus's last, shorter sequence runs on its own
-                ids = torch.tensor(group, dtype=torch.long, device=device)
+            same = all(len(c) == len(batch[0]) for c in batch)
+            # documents: right-padded and masked; packed: only the corpus's last, shorter sequence runs on its own
+            groups = [batch] if same or cfg.documents() else [[c] for c in batch]
+            for group in groups:
+                width = max(len(c) for c in group)
+                ids = torch.tensor([c + [pad] * (width - len(c)) for c in group], dtype=torch.long, device=device)
+                lengths = torch.tensor([len(c) for c in group], device=device)
+                real = torch.arange(width, device=device)[None, :] < lengths[:, None]
+                padded = not bool(real.all())
                 with autocast:
-                    run_to_stop(lm, input_ids=ids)
+                    run_to_stop(lm, input_ids=ids, **({"attention_mask": real.long()} if padded else {}))
                 for l in missing:
-                    add_gram(sums[l], keys[l].reshape(-1, d_ff).float())
-                count += ids.numel()
-                bar.update(ids.numel())
+                    k = keys[l].reshape(-1, d_ff)
+                    add_gram(sums[l], (k[real.reshape(-1)] if padded else k).float())  # keys of padding never count
+                n = int(real.sum())
+                count += n
+                bar.update(n)
             bar.set_postfix(tok_per_s=f"{count / (time.time() - t0):.0f}")
     bar.close()
-    count = int(ranks.sum(torch.tensor(float(count), dtype=torch.float64)).item())
+    count = int(ranks.sum(torch.tensor(float(count), dtype=torch.float64, device="cpu")).item())
+    if info is not None:
+        info.update({"tokens": count, "documents": documents, "source": cfg.source()})
     for l in missing:
         c0 = (ranks.sum(sums[l]) / count).to(getattr(torch, cfg.dtype))
         result[l] = c0
         if ranks.rank != 0:
             continue
-        meta = {"model": fingerprint, "layer": str(l), "tokens": str(count), "corpus": corpus_id, "config": json.dumps(asdict(cfg))}
+        meta = {"model": fingerprint, "layer": str(l), "tokens": str(count), "documents": str(documents),
+                "source": cfg.source(), "corpus": corpus_id, "config": json.dumps(asdict(cfg))}
         with replaced(cache_path(fingerprint, l, cfg, corpus_id)) as tmp:  # a cache file is complete or absent
             save_file({"c0": c0.contiguous()}, str(tmp), metadata=meta)
     return result

@@ -41,7 +41,7 @@ def test_fit_on_tiny_model_writes_results(tiny_llama_dir, tmp_path, method, monk
     proc = run(
         "fit", f"--model.model_name_or_path={tiny_llama_dir}", "--model.layers=[1,2]",
         f"--model.solver.method={method}", "--model.solver.lambda_p=10", "--model.target.v_num_grad_steps=4",
-        "--model.key_stats.num_tokens=512", "--model.key_stats.seq_len=64",
+        "--model.key_stats.num_tokens=1024", "--model.key_stats.seq_len=64",
         "--data.num_edits=6", "--data.batch_size=3", f"--trainer.default_root_dir={tmp_path}",
         "--model.evaluation.every_n_batches=1", "--model.evaluation.generation_prompts=2",
         "--model.evaluation.generation_length=20", *extra,

@@ -13,6 +13,7 @@ import encore_pl.module
 from encore_pl.callbacks import spread_update
 from encore_pl.cli import main
 from encore_pl.data import EditDataModule
+from encore_pl.edited import EditedLayers
 from encore_pl.layouts import LocatedModel
 from encore_pl.models import load_model_and_tokenizer
 from encore_pl.module import KnowledgeEditor
@@ -46,7 +47,7 @@ def poisoned(bad_id: str):
 
 def edit(model_dir, on_nonfinite, tmp_path):
     module = KnowledgeEditor(str(model_dir), layers=[1, 2], on_nonfinite=on_nonfinite,
-                             key_stats=KeyStatistics(num_tokens=256, seq_len=64))
+                             key_stats=KeyStatistics(num_tokens=1024, seq_len=64))
     data = EditDataModule(num_edits=4, batch_size=2)
     snapshot = Snapshot()
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -81,6 +82,7 @@ def test_non_finite_update_of_a_later_layer_undoes_the_earlier_ones(tiny_llama_d
     lm = LocatedModel(model)
     data = EditDataModule(num_edits=2)
     data.setup("fit")
+    edited = EditedLayers(lm, [1, 2])
     before = {l: lm.weight(l).detach().clone() for l in (1, 2)}
 
     def solve(layer, resid, k):
@@ -89,9 +91,10 @@ def test_non_finite_update_of_a_later_layer_undoes_the_earlier_ones(tiny_llama_d
 
     z = torch.randn(2, model.config.hidden_size)
     with pytest.raises(FloatingPointError, match="the update of layer 2 is not finite"):
-        spread_update(lm, tok, data.requests, ["Hello. "], [1, 2], 2, z, solve)
+        spread_update(edited, tok, data.requests, ["Hello. "], 2, z, solve)
     for l, w in before.items():
         assert torch.equal(lm.weight(l), w)
+        assert not edited.increment(l).any()  # the cumulative increment too
 
 
 def bad_inputs(tmp, model_dir):
@@ -132,7 +135,7 @@ def test_bad_input_is_one_clear_message(tiny_llama_dir, tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     cases, model = bad_inputs(tmp_path, tiny_llama_dir)
     for args, message in cases:
-        full = ["fit", model, "--model.layers=[1,2]", "--model.key_stats.num_tokens=256", "--model.key_stats.seq_len=64",
+        full = ["fit", model, "--model.layers=[1,2]", "--model.key_stats.num_tokens=1024", "--model.key_stats.seq_len=64",
                 f"--trainer.default_root_dir={tmp_path / 'runs'}", *args]
         with pytest.raises(SystemExit) as info:
             main(full)
@@ -145,7 +148,7 @@ def test_bad_input_is_one_clear_message(tiny_llama_dir, tmp_path, monkeypatch, c
 def test_cache_of_another_model_or_corrupt_is_refused(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     """The C0 cache: a corrupt file, and a file of another model put in its place."""
     monkeypatch.setenv("ENCORE_PL_CACHE", str(tmp_path / "cache"))
-    cfg = KeyStatistics(num_tokens=256, seq_len=64)
+    cfg = KeyStatistics(num_tokens=1024, seq_len=64)
     from encore_pl.stats import compute_key_statistics, model_fingerprint, cache_path
 
     other_dir = make_tiny_model("llama", tmp_path / "other", seed=1)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from encore_pl.edited import EditedLayers
 from encore_pl.layouts import LocatedModel
 from encore_pl.models import load_model_and_tokenizer
 
@@ -23,7 +24,7 @@ def test_locates_down_matrix_and_applies_increment(tiny_model_dir):
     k = torch.randn(3, w.shape[1])
     d = torch.randn(d_model, w.shape[1]) * 0.01
     before = down(k)
-    lm.add_to_weight(layer, d)
+    EditedLayers(lm, [layer]).add(layer, d)
     after = down(k)
     torch.testing.assert_close(after - before, k @ d.T, atol=1e-5, rtol=1e-4)
 

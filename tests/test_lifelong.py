@@ -18,7 +18,7 @@ from test_distributed import free_port
 
 FIT = [
     "--model.layers=[1,2]", "--model.solver.lambda_p=0.01", "--model.solver.lambda_n=0.01", "--model.target.v_num_grad_steps=6",
-    "--model.key_stats.num_tokens=512", "--model.key_stats.seq_len=64",
+    "--model.key_stats.num_tokens=1024", "--model.key_stats.seq_len=64",
     "--data.num_edits=8", "--data.batch_size=2",  # 4 sequential batches
     "--trainer.accelerator=cpu", "--checkpoint.every_n_batches=1",
 ]
@@ -91,9 +91,10 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(runs):
 
 def test_checkpoint_holds_only_the_lifelong_state(runs):
     state = torch.load(runs["whole"] / "checkpoints" / "last.ckpt", weights_only=True)
-    assert set(state["state_dict"]) == {
-        "model.model.layers.1.mlp.down_proj.weight", "model.model.layers.2.mlp.down_proj.weight", "prev_keys_1", "prev_keys_2",
-    }
+    assert set(state["state_dict"]) == {"increment_1", "increment_2", "prev_keys_1", "prev_keys_2"}
+    patch = load_file(runs["whole"] / "edits.safetensors")  # the cumulative increments are the patch
+    assert torch.equal(state["state_dict"]["increment_1"], patch["model.layers.1.mlp.down_proj"])
+    assert state["state_dict"]["prev_keys_1"].dtype == torch.float64 and state["state_dict"]["prev_keys_1"].abs().max() > 0
     assert len(state["encore_pl"]["edited"]) == 8 and state["encore_pl"]["context_prefixes"]
 
 

@@ -201,15 +201,16 @@ def test_least_squares_update_solves_through_the_cache_and_updates_prev_keys(mon
     c0, p, batch = sequence_problem(8, cfg.method)
     layers = [3, 4]
     bufs = {l: torch.zeros(SEQ_D_FF, SEQ_D_FF, dtype=torch.float64) for l in layers}
+    edited = SimpleNamespace(key_sums=bufs, add_keys=lambda l, k: bufs[l].addmm_(k, k.T))
     m = SimpleNamespace(
         solver=cfg, c0={l: c0 for l in layers}, projectors={l: p for l in layers} if p is not None else {},
-        prev_keys=bufs.__getitem__, lm=SimpleNamespace(weight_out_in=lambda l: torch.ones(2)),
+        edited_layers=edited, lm=SimpleNamespace(weight_out_in=lambda l: torch.ones(2)),
         edited=[], history=[], original_norms={l: 1.0 for l in layers}, log_dict=lambda *a, **kw: None, ranks=None,
         record_batch=lambda *a: None,
     )
     seen = []
 
-    def fake_spread(lm, tok, requests, prefixes, layers, z_layer, z, solve, seconds=None, ranks=None):  # random keys per layer
+    def fake_spread(edited, tok, requests, prefixes, z_layer, z, solve, seconds=None, ranks=None):  # random keys per layer
         applied = {}
         for layer in layers:
             r, k = batch()

@@ -122,3 +122,14 @@ def test_suffix_forward_gives_the_full_models_logits(model_type, tmp_path):
                 got = lm.logits(hidden[local, :n_suffix])
                 torch.testing.assert_close(got, expected[r, split[r] : len(seqs[r])], atol=1e-4, rtol=1e-4)
     assert [type(b).__name__ for b in lm.blocks].count("_Replay") == 0  # real blocks are back
+
+
+def test_chunks_of_requests_give_the_same_target_vectors(tiny_model_dir):
+    """target.chunk_size: requests are independent, so optimising them in chunks changes nothing."""
+    lm, tok, requests, prefixes = setup(tiny_model_dir)
+    hp = TargetOptimization(v_lr=0.5, v_num_grad_steps=12, extra_steps=1, clamp_norm_factor=4.0)
+    whole = compute_target_vectors(lm, tok, requests, prefixes, 2, hp)
+    chunked = compute_target_vectors(lm, tok, requests, prefixes, 2, TargetOptimization(**{**vars(hp), "chunk_size": 4}))
+    assert chunked.steps.tolist() == whole.steps.tolist() and len(set(whole.steps.tolist())) > 1
+    torch.testing.assert_close(chunked.z, whole.z, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(chunked.target_prob, whole.target_prob, atol=1e-6, rtol=1e-6)

@@ -3,6 +3,7 @@
 import torch
 
 from encore_pl.callbacks import spread_update
+from encore_pl.edited import EditedLayers
 from encore_pl.data import QUICKSTART_PATH, load_requests
 from encore_pl.keys import compute_keys
 from encore_pl.layouts import LocatedModel
@@ -26,7 +27,7 @@ def test_residual_spread_across_layers(tiny_model_dir):
         seen.append(resid.clone())
         return memit_update(resid, k, c0, 1e-6)  # almost no preservation: each layer meets its share
 
-    spread_update(lm, tok, requests, prefixes, layers, z_layer, z, solve)
+    spread_update(EditedLayers(lm, layers), tok, requests, prefixes, z_layer, z, solve)
     # First layer: half of the full residual. Second (last) layer: all that remains.
     torch.testing.assert_close(seen[0], (z - h).T.double() / 2)
     # The first layer's increment moved the z-layer output toward z: less than the full gap remains.
@@ -52,7 +53,35 @@ def test_window_keys_equal_a_fresh_pass_on_the_partly_updated_model(tiny_model_d
         torch.testing.assert_close(keys, fresh_keys[layer], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out, fresh_out, atol=1e-5, rtol=1e-5)
         w = lm.weight_out_in(layer)
-        lm.add_to_weight(layer, 0.2 * torch.randn_like(w) * w.std())  # changes every later key
+        with torch.no_grad():
+            w.add_(0.2 * torch.randn_like(w) * w.std())  # changes every later key
     keys_after, out_after = window.at(layers[-1])
     torch.testing.assert_close(keys_after, keys)  # a layer's own update does not change its keys
     assert not torch.allclose(out_after, out, atol=1e-4)  # but the z-layer output sees it
+
+
+def test_chunked_target_vectors_give_the_same_patch(tiny_llama_dir, tmp_path, monkeypatch):
+    """target.chunk_size 5 on a batch of 25 requests: the same edit as all 25 together (chunks with
+    requests that stop at different steps: tests/test_target_vectors.py)."""
+    import lightning as L
+
+    from encore_pl.data import EditDataModule
+    from encore_pl.module import KnowledgeEditor
+    from encore_pl.solvers import SolverConfig
+    from encore_pl.stats import KeyStatistics
+    from encore_pl.target_vectors import TargetOptimization
+
+    monkeypatch.setenv("ENCORE_PL_CACHE", str(tmp_path / "cache"))
+    patches = []
+    for chunk_size in (None, 5):
+        module = KnowledgeEditor(str(tiny_llama_dir), layers=[1, 2], key_stats=KeyStatistics(num_tokens=1024, seq_len=64),
+                                 solver=SolverConfig(lambda_p=1.0, lambda_n=1.0),
+                                 target=TargetOptimization(v_num_grad_steps=8, chunk_size=chunk_size))
+        trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, inference_mode=False, use_distributed_sampler=False,
+                            accelerator="cpu", default_root_dir=tmp_path / str(chunk_size))
+        trainer.fit(module, datamodule=EditDataModule(num_edits=25, batch_size=25))
+        patches.append(module.edited_layers.increments())
+    for name, whole in patches[0].items():
+        assert whole.abs().max() > 1e-3
+        torch.testing.assert_close(patches[1][name], whole, atol=1e-6, rtol=0)
