@@ -11,7 +11,7 @@ same step, so optimising the rows of one [n, d] tensor with one Adam is the same
 optimisations; a request that has stopped leaves the forward pass and its z is frozen.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -263,23 +263,14 @@ def compute_target_vectors(
     z_layer: int,
     hp: TargetOptimization,
 ) -> TargetVectors:
-    """Target vectors of `requests`, optimised together in chunks of `hp.chunk_size`."""
+    """Optimise delta for every request of `requests` together (in chunks of `hp.chunk_size`, one
+    after another); return z = h + delta and stats."""
     size = hp.chunk_size or len(requests)
-    parts = [optimise_together(lm, tok, requests[i : i + size], prefixes, z_layer, hp) for i in range(0, len(requests), size)]
-    if len(parts) == 1:
-        return parts[0]
-    return TargetVectors(*(torch.cat([getattr(p, f) for p in parts]) for f in ("z", "h", "steps", "target_prob")))
-
-
-def optimise_together(
-    lm: LocatedModel,
-    tok,
-    requests: list[EditRequest],
-    prefixes: list[str],
-    z_layer: int,
-    hp: TargetOptimization,
-) -> TargetVectors:
-    """Optimise delta for every request of `requests` together; return z = h + delta and stats."""
+    if len(requests) > size:  # requests are independent: each chunk on its own
+        whole = replace(hp, chunk_size=None)
+        parts = [compute_target_vectors(lm, tok, requests[i : i + size], prefixes, z_layer, whole)
+                 for i in range(0, len(requests), size)]
+        return TargetVectors(*(torch.cat([getattr(p, f) for p in parts]) for f in ("z", "h", "steps", "target_prob")))
     device = lm.model.device
     rows = build_rows(tok, requests, prefixes)
     n, d = len(requests), lm.model.config.hidden_size
