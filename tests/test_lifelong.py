@@ -117,11 +117,11 @@ def test_patch_apply_then_revert_restores_the_base(runs, tiny_llama_dir, tmp_pat
     assert proc.returncode == 0, proc.stderr
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     edited = AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
-    weights = torch.load(runs["whole"] / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    increments = torch.load(runs["whole"] / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     for layer in (1, 2):
         name = f"model.layers.{layer}.mlp.down_proj.weight"
-        # the exported model carries the run's edited weights
-        torch.testing.assert_close(edited.get_parameter(name), weights[f"model.{name}"], atol=1e-6, rtol=0)
+        # the exported model carries the run's edited weights: base + cumulative increment, bit for bit
+        assert torch.equal(edited.get_parameter(name), base.get_parameter(name) + increments[f"increment_{layer}"])
         assert (edited.get_parameter(name) - base.get_parameter(name)).abs().max() > 1e-3
     proc = patch_cli("revert", "--model", tmp_path / "edited", "--patch", patch, "--output", tmp_path / "reverted")
     assert proc.returncode == 0, proc.stderr
