@@ -46,5 +46,7 @@ if __name__ == "__main__":
         except ValueError as e:
             print(f"error: {e}", flush=True)
             sys.exit(3)
+        dist.barrier()  # neither leaves while the other may still use process 0's store
+        dist.destroy_process_group()
     else:
         watch(sys.argv[2], dist.get_rank())
