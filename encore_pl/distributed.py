@@ -63,8 +63,8 @@ class Ranks:
         if self.world == 1:
             return obj
         data = json.dumps(obj).encode() if self.rank == 0 else b""
-        size = self.broadcast(torch.tensor([len(data)], dtype=torch.long))
-        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0 else torch.empty(int(size), dtype=torch.uint8)
+        size = self.broadcast(torch.tensor([len(data)], dtype=torch.long, device="cpu"))
+        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0 else torch.empty(int(size), dtype=torch.uint8, device="cpu")
         return json.loads(bytes(self.broadcast(buffer).tolist()).decode())
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -84,9 +84,9 @@ class Ranks:
         (e.g. a sha256 of the base weights) differs from process 0's."""
         if self.world == 1:
             return
-        data = torch.tensor(list(value.encode()), dtype=torch.uint8)
-        sizes = self.gather(torch.tensor([len(data)]), self.world).tolist()  # item i = process i's
-        padded = torch.zeros(max(1, *sizes), dtype=torch.uint8)
+        data = torch.tensor(list(value.encode()), dtype=torch.uint8, device="cpu")  # moved by gather
+        sizes = self.gather(torch.tensor([len(data)], device="cpu"), self.world).tolist()  # item i = process i's
+        padded = torch.zeros(max(1, *sizes), dtype=torch.uint8, device="cpu")
         padded[: len(data)] = data
         rows = self.gather(padded[None], self.world)
         values = [bytes(row[:size].tolist()).decode() for row, size in zip(rows, sizes)]
