@@ -398,7 +398,6 @@ class KnowledgeEditor(L.LightningModule):
         checkpoint["encore_pl"] = {
             "format": CHECKPOINT_FORMAT,
             "base_sha256": self.base_sha256,
-            "key_stats": self.key_stats_info,
             "context_prefixes": self.context_prefixes,
             "edited": [asdict(r) for r in self.edited],
             "skipped": self.skipped,
@@ -422,7 +421,6 @@ class KnowledgeEditor(L.LightningModule):
         checkpoint["state_dict"] = {}
         self.edited_layers.load_increments({l: weights[f"increment_{l}"] for l in self.layers})
         self.loaded_key_sums = {l: weights[f"prev_keys_{l}"] for l in self.layers}  # placed in on_fit_start
-        self.key_stats_info = state["key_stats"]
         self.context_prefixes = state["context_prefixes"]
         self.edited = [EditRequest(**r) for r in state["edited"]]
         self.skipped = state["skipped"]
