@@ -9,7 +9,7 @@ previous keys.
 
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Literal, NamedTuple, Optional
 
 import lightning as L
 import torch
@@ -154,6 +154,8 @@ class LeastSquaresUpdate(L.Callback):
             "weight_norm": {str(l): v for l, v in norms.items()},
             "weight_norm_ratio": {str(l): v / m.original_norms[l] for l, v in norms.items()},
             "increment_norm": {str(l): inc.d.norm().item() for l, inc in applied.items()},
+            # solves (so far, process 0) that took the plain path because the cached system was not SPD
+            "solve_fallbacks": sum(s.fallbacks for s in self.solvers.values()),
         })
         log = {"edit/seconds": seconds, "edit/z_steps_mean": steps.mean().item(), "edit/z_steps_max": steps.max().item()}
         for layer, inc in applied.items():
@@ -167,10 +169,19 @@ class DownstreamEvaluation(L.Callback):
     """Few-shot downstream ability and perplexity, before the first batch and every N batches
     (with several processes, each scores its share of the items and sequences).
 
-    Each task's answer is chosen by comparing the log-probabilities of its label words after a
-    k-shot prompt (more reliable on small models than parsing generated text). Scores go to
-    TensorBoard (against the number of edits) and to results.json (`downstream`, `perplexity`,
-    `downstream_history`).
+    Two protocols (`encore_pl.downstream` describes both):
+
+    * "logprob" (default): each task's answer is the label word with the highest log-probability
+      after a k-shot prompt. Right for small models and for trends across edits: no answer is
+      lost to unparseable generations, so there is less noise.
+    * "paper": the published ENCORE `glue_eval` protocol (which AlphaEdit reuses), reproduced
+      exactly (its prompts, greedy generation of 3 tokens parsed for the label word, weighted F1
+      with invalid answers counted). Right for comparing with published tables; on small models greedy parsing
+      is unreliable (many answers name no label) and the numbers are noisy.
+
+    Scores go to TensorBoard (against the number of edits) and to results.json (`downstream`,
+    `perplexity`, `downstream_history`, `downstream_protocol`); each history point names its
+    `protocol`, and a resumed run must keep the protocol it started with.
     """
 
     def __init__(
@@ -178,12 +189,13 @@ class DownstreamEvaluation(L.Callback):
         every_n_batches: int = 2,
         tasks: list[str] = ["sst2", "mrpc", "cola", "rte", "nli", "mmlu"],
         data_dir: Optional[str] = None,
-        k_shot: int = 4,
-        n_items: int = 100,
+        k_shot: Optional[int] = 4,
+        n_items: Optional[int] = 100,
         perplexity_file: Optional[str] = None,
         perplexity_tokens: int = 20000,
         batch_size: int = 8,
         hf_datasets: Optional[dict[str, str]] = None,
+        protocol: Literal["paper", "logprob"] = "logprob",
     ):
         """
         Args:
@@ -191,14 +203,26 @@ class DownstreamEvaluation(L.Callback):
             tasks: among sst2, mrpc, cola, rte, nli, mmlu.
             data_dir: folder of `<task>.json` files (default: ../shared/data/encore-eval/glue_eval,
                 or $ENCORE_PL_SHARED_DATA/encore-eval/glue_eval).
-            k_shot: shots per prompt, taken from the first records of each task.
-            n_items: items scored per task, the ones after the shots.
+            k_shot: shots per prompt, taken from the first records of each task ("paper": at
+                most 10; None = the published 4).
+            n_items: items scored per task: "logprob" the ones after the shots (None = all of
+                them), "paper" the ones after the first 10 records (None = the published 100).
             perplexity_file: held-out text for perplexity (None = no perplexity).
             perplexity_tokens: tokens of that file to use.
             batch_size: sequences per forward pass.
             hf_datasets: for online users, {task: "path[:config]:split"} read through `datasets`
                 instead of `data_dir` (the records must have the fields of the shipped sets).
+            protocol: "logprob" (label-word log-probabilities; small models, trends) or "paper"
+                (the published generate-and-parse protocol; comparison with published tables).
         """
+        from .downstream import PROTOCOLS
+
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"DownstreamEvaluation: protocol must be one of {', '.join(map(repr, PROTOCOLS))}, "
+                             f"got {protocol!r}")
+        if protocol == "logprob" and k_shot is None:
+            raise ValueError("DownstreamEvaluation: the logprob protocol needs k_shot (None is only for protocol: paper)")
+        self.protocol = protocol
         self.every_n_batches = every_n_batches
         self.tasks = list(tasks)
         self.data_dir = data_dir
@@ -218,19 +242,30 @@ class DownstreamEvaluation(L.Callback):
     def evaluate(self, trainer, pl_module) -> None:
         from .downstream import perplexity, score_task
 
+        self.check_history(pl_module)
         point = {"num_edits": len(pl_module.edited)}
         model, tok = pl_module.model, pl_module.tokenizer
         for task in tqdm(self.tasks, desc=f"downstream evaluation at {point['num_edits']} edits", leave=False):
             point[task] = score_task(model, tok, task, self.records[task], self.k_shot, self.n_items, self.batch_size,
-                                     pl_module.ranks)["f1"]
+                                     pl_module.ranks, protocol=self.protocol)["f1"]
         if self.perplexity_file:
             point["perplexity"] = perplexity(model, tok, self.perplexity_file, self.perplexity_tokens, batch_size=self.batch_size,
                                              ranks=pl_module.ranks)
+        point["protocol"] = self.protocol  # not a score: results.json's `downstream_protocol`
         pl_module.downstream_history.append(point)
         if trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics({f"downstream/{k}": v for k, v in point.items() if k != "num_edits"}, step=point["num_edits"])
+            trainer.logger.log_metrics({f"downstream/{k}": v for k, v in point.items() if k not in ("num_edits", "protocol")},
+                                       step=point["num_edits"])
+
+    def check_history(self, pl_module) -> None:
+        """A resumed run's earlier points (no `protocol`: "logprob") must use this protocol."""
+        earlier = {p.get("protocol", "logprob") for p in pl_module.downstream_history}
+        if earlier - {self.protocol}:
+            raise ValueError(f"DownstreamEvaluation: protocol {self.protocol!r}, but the run's downstream_history was "
+                             f"scored with {', '.join(map(repr, sorted(earlier)))}; pre/post scores would not compare")
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.check_history(pl_module)
         if not pl_module.downstream_history:
             self.evaluate(trainer, pl_module)
 

@@ -5,11 +5,16 @@ Three input formats, one request type:
   `paraphrase_prompts`, `neighborhood_prompts`, `generation_prompts`);
 - "easyedit": the reduced CounterFact format (`prompt` with the subject filled in, `subject`,
   `target_new`, `ground_truth`, `rephrase_prompt`, `locality_prompt`, `locality_ground_truth`);
-- "zsre": zsRE in the MEND format (`src`, `subject`, `alt`, `answers`, `rephrase`, `loc`, `loc_ans`).
-Requests are edited in file order, in sequential batches of `batch_size`.
+- "zsre": zsRE in the MEND format (`src`, `subject`, `answers`, `rephrase`, `loc`, `loc_ans`), edited
+  as ROME/MEMIT/ENCORE publish it: towards `answers[0]` (`alt` is not used), the neighbourhood
+  prompt is the `loc` question without "nq question:" and with "?", scored on `loc_ans`.
+Requests are edited in file order (or a seeded shuffle of it), in sequential batches of
+`batch_size`; `unique_subjects` skips a request whose subject is already in the stream, as the
+paper's sampled CounterFact/zsRE sets do.
 """
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Optional
@@ -28,7 +33,7 @@ class EditRequest:
     subject: str
     prompt: str  # template with exactly one "{}" where the subject goes
     target_new: str  # with a leading space
-    target_true: str  # with a leading space
+    target_true: str  # with a leading space; zsRE: "" (the edit teaches the true answer, there is no old one)
     paraphrase_prompts: list[str] = field(default_factory=list)
     neighborhood_prompts: list[str] = field(default_factory=list)
     neighborhood_target: str = ""  # what neighbourhood prompts should still answer (zsRE: loc_ans)
@@ -124,18 +129,24 @@ def parse_easyedit(rec: dict) -> EditRequest:
 
 
 def parse_zsre(rec: dict) -> EditRequest:
+    """As ENCORE's `dsets/zsre.py` (and MEMIT's): the edit's target is `answers[0]`, there is no
+    old target; the neighbourhood prompt is the `loc` question with "nq question:" stripped and "?"
+    appended (MEMIT keeps the "nq question:" prefix), scored on `loc_ans`."""
     subject = _need_str(rec, "subject").strip()
     answers = rec.get("answers")
     if not isinstance(answers, list) or not answers or not isinstance(answers[0], str) or not answers[0].strip():
         raise ValueError("field 'answers' must be a non-empty list of strings")
+    question = _need_str(rec, "loc").replace("nq question:", "").strip()
+    if not question:
+        raise ValueError("field 'loc' holds no question after 'nq question:'")
     return EditRequest(
         case_id=str(rec.get("case_id", rec.get("id", ""))),
         subject=subject,
         prompt=_template(_need_str(rec, "src"), subject),
-        target_new=_space(_need_str(rec, "alt")),
-        target_true=_space(answers[0]),
+        target_new=_space(answers[0]),
+        target_true="",
         paraphrase_prompts=[_need_str(rec, "rephrase")],
-        neighborhood_prompts=[_need_str(rec, "loc")],
+        neighborhood_prompts=[question + "?"],
         neighborhood_target=_space(_need_str(rec, "loc_ans")),
         kind="zsre",
     )
@@ -147,11 +158,15 @@ PARSERS = {"rome": parse_rome, "easyedit": parse_easyedit, "zsre": parse_zsre}
 def detect_format(rec: dict) -> str:
     if "requested_rewrite" in rec:
         return "rome"
-    if "src" in rec and "alt" in rec:
+    if "src" in rec and "answers" in rec:
         return "zsre"
     if "prompt" in rec and "target_new" in rec:
         return "easyedit"
     raise ValueError(f"cannot tell the format of a record with keys {sorted(rec)}")
+
+
+class RepeatedSubject(InvalidRecord):
+    """A valid record left out by `unique_subjects`: its subject is already in the stream."""
 
 
 def load_requests(
@@ -159,14 +174,26 @@ def load_requests(
     format: Format = "auto",
     num_edits: Optional[int] = None,
     on_invalid: Literal["error", "skip"] = "error",
+    order: Literal["file", "seeded"] = "file",
+    seed: int = 0,
+    unique_subjects: bool = False,
 ) -> tuple[list[EditRequest], list[InvalidRecord]]:
     """Read, validate and return the first `num_edits` valid requests of a JSON/JSONL file.
 
-    Returns the requests and the skipped records (empty unless `on_invalid="skip"`).
+    `order="seeded"` takes the records in a shuffled order fixed by `seed`; `unique_subjects`
+    leaves out (as a `RepeatedSubject`, never an error) a record whose subject an earlier request
+    of the stream already has. Returns the requests and the records left out (invalid ones only
+    with `on_invalid="skip"`), in stream order.
     """
     records = read_records(path)
-    requests, skipped, seen = [], [], {}
-    for index, rec in enumerate(records):
+    if order not in ("file", "seeded"):
+        raise ValueError(f"order must be 'file' or 'seeded', got {order!r}")
+    indices = list(range(len(records)))
+    if order == "seeded":
+        random.Random(seed).shuffle(indices)
+    requests, skipped, seen, subjects = [], [], {}, {}
+    for index in indices:
+        rec = records[index]
         case_id = rec.get("case_id", rec.get("id", index)) if isinstance(rec, dict) else index
         try:
             if not isinstance(rec, dict):
@@ -177,15 +204,20 @@ def load_requests(
                 req.case_id = str(index)
             if req.case_id in seen:
                 raise ValueError(f"duplicate id (first seen at record {seen[req.case_id]})")
-            if req.target_new.strip() == req.target_true.strip():
+            if req.target_true and req.target_new.strip() == req.target_true.strip():
                 raise ValueError(f"target_new equals the true target {req.target_true.strip()!r}")
-            seen[req.case_id] = index
         except ValueError as e:
             err = InvalidRecord(str(path), index, case_id, str(e))
             if on_invalid == "error":
                 raise err from None
             skipped.append(err)
             continue
+        if unique_subjects and req.subject in subjects:
+            skipped.append(RepeatedSubject(str(path), index, req.case_id,
+                                           f"subject {req.subject!r} already edited (record {subjects[req.subject]})"))
+            continue
+        seen[req.case_id] = index
+        subjects.setdefault(req.subject, index)
         requests.append(req)
         if num_edits is not None and len(requests) >= num_edits:
             break
@@ -266,8 +298,11 @@ class EditDataModule(L.LightningDataModule):
         num_edits: Optional[int] = None,
         batch_size: int = 25,
         on_invalid: Literal["error", "skip"] = "error",
+        order: Literal["file", "seeded"] = "file",
+        unique_subjects: bool = False,
+        seed: int = 0,
     ):
-        """Edit requests, in file order, in sequential batches.
+        """Edit requests, in sequential batches.
 
         Args:
             path: JSON or JSON-lines file of edit requests; None = the shipped quickstart set.
@@ -275,6 +310,11 @@ class EditDataModule(L.LightningDataModule):
             num_edits: how many requests to edit in all (the first valid ones); None = all.
             batch_size: requests per sequential edit batch (one training step each).
             on_invalid: "error" stops at the first bad record; "skip" skips and counts them.
+            order: "file" edits the records in file order; "seeded" in an order shuffled with `seed`.
+            unique_subjects: leave out (and count) a request whose subject is already in the
+                stream, as the paper's sampled sets (e.g. 727 of the 10,000 records of
+                counterfact-edit.json share a subject with an earlier one).
+            seed: fixes the "seeded" order.
         """
         super().__init__()
         self.path = path
@@ -282,14 +322,21 @@ class EditDataModule(L.LightningDataModule):
         self.num_edits = num_edits
         self.batch_size = batch_size
         self.on_invalid = on_invalid
+        self.order, self.unique_subjects, self.seed = order, unique_subjects, seed
         self.requests: list[EditRequest] = []
-        self.skipped: list[InvalidRecord] = []
+        self.skipped: list[InvalidRecord] = []  # invalid records (on_invalid: skip)
+        self.repeated: list[RepeatedSubject] = []  # left out by unique_subjects
 
     def setup(self, stage: str) -> None:
         if self.requests:
             return
         path = self.path or QUICKSTART_PATH
-        self.requests, self.skipped = load_requests(path, self.format, self.num_edits, self.on_invalid)
+        self.requests, left_out = load_requests(path, self.format, self.num_edits, self.on_invalid, self.order,
+                                                self.seed, self.unique_subjects)
+        self.repeated = [e for e in left_out if isinstance(e, RepeatedSubject)]
+        self.skipped = [e for e in left_out if not isinstance(e, RepeatedSubject)]
+        if self.repeated:
+            print(f"[encore-pl] left out {len(self.repeated)} requests whose subject was already in the stream")
         if self.skipped:
             print(f"[encore-pl] skipped {len(self.skipped)} invalid records of {path}:")
             for err in self.skipped[:10]:

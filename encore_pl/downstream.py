@@ -1,11 +1,13 @@
 """Downstream abilities of a (possibly edited) model: few-shot GLUE-style tasks, MMLU and perplexity.
 
-Every task is scored the same way, without generation: each item has a prompt and a short list of
-candidate answers (" positive", " Yes", " B", ...); the model's answer is the candidate whose tokens
-get the highest summed log-probability after the prompt (teacher forcing). `k_shot` solved records
-come first in every prompt, then the item itself, as in the ENCORE/EMMET `glue_eval` evaluation.
+Two scoring protocols, chosen with `protocol=` in `score_task` / `evaluate_downstream` (and in
+`callbacks.DownstreamEvaluation`):
 
-Tasks and F1 conventions (F1 and accuracy are reported in percent):
+"logprob" (the default), without generation: each item has a prompt and a short list of candidate
+answers (" positive", " Yes", " B", ...); the model's answer is the candidate whose tokens get the
+highest summed log-probability after the prompt (teacher forcing). `k_shot` solved records come
+first in every prompt (separated by blank lines), then the item; the items are records[k_shot :
+k_shot + n_items]. Reliable on small models, which often generate no label word at all.
 
     sst2  "Review: ...\\nSentiment:"                       [" negative", " positive"]  F1 of positive (1)
     mrpc  "Sentence 1/2: ...\\nDo both sentences mean ..."  [" No", " Yes"]            F1 of equivalent (1)
@@ -14,11 +16,42 @@ Tasks and F1 conventions (F1 and accuracy are reported in percent):
     nli   same prompt as rte                                [" Yes", " No"]            F1 of entailment
     mmlu  question, "A. .. D. ..", "Answer:"                [" A", " B", " C", " D"]   macro-F1
 
+"paper": the published ENCORE `glue_eval` evaluation (github.com/scalable-model-editing/encore,
+commit b87d96d, files glue_eval/*.py; cited below as file:line), reproduced as it is:
+
+  * prompts: the published templates, field values as stored (not stripped); each few-shot
+    demonstration ends with "\\n" and they are concatenated before the item (`PAPER_TASKS`). As
+    published, shots that would not fit the model's context (with the item and the generated
+    tokens) are dropped from the end (sst_eval.py:30-41 and the same in every task);
+  * items: records[10 : 10 + n_items] whatever the number of shots, shots records[:k_shot] with
+    k_shot <= 10 (useful_functions.py:22-34); by default (None) 4 shots and 100 items, the
+    published experiments' settings (experiments/evaluate_unified_editing.py:594-604, README);
+  * answers: greedy generation of 3 new tokens for every task (glue_eval.py:49 passes its
+    gen_len=3 to each task, overriding the per-class defaults of 10 in cola_eval.py:66 and
+    mmlu_eval.py:84; AlphaEdit's copy of glue_eval.py uses 5: `max_new_tokens=5` reproduces it);
+    the prompt and the new tokens are decoded together (special tokens skipped) and parsed as
+    published (`paper_answer`): the text after the last answer marker, lowercased, checked with
+    `in` in the published order; MMLU looks for "a\\n" .. "d\\n" in the text without the prompt.
+    An answer that names no label is -1 (invalid) and counts as wrong;
+  * F1: scikit-learn's `f1_score(gold, pred, average="weighted")` (e.g. sst_eval.py:176), the
+    published headline `f1`: per-class F1 over every class among gold labels and predictions
+    (the invalid -1 included), weighted by gold support (`weighted_f1`, computed here by hand).
+
+  A published quirk kept on purpose (this protocol is meant to reproduce the published numbers):
+  RTE's demonstrations write GLUE label 0 (entailment) as "False" and 1 (not_entailment) as "True"
+  (rte_eval.py:28), and the parsed "false" / "true" map back to 0 / 1 (rte_eval.py:57-60), so the
+  model is taught, and scored on, an inverted True/False convention. NLI is not inverted: gold is
+  1 for "entailment" and "True" parses to 1 (nli_eval.py:32, 51-60). Greedy parsing makes the
+  "paper" numbers noisy on small models; use it to compare with published tables, "logprob" for
+  small models and trends.
+
 RTE stores labels as GLUE does (0 = entailment, 1 = not_entailment), NLI as the strings
-"entailment" / "not_entailment"; for both, "entailment" (the answer " Yes") is the positive class.
+"entailment" / "not_entailment"; for the "logprob" F1 of both, "entailment" (the answer " Yes") is
+the positive class.
 
 The data are JSON lists of records, one file per task (`<data_dir>/<task>.json`), by default
-`../shared/data/encore-eval/glue_eval/` next to the repository (or under `$ENCORE_PL_SHARED_DATA`).
+`../shared/data/encore-eval/glue_eval/` next to the repository (or under `$ENCORE_PL_SHARED_DATA`);
+they are the published `glue_eval/dataset/<task>.pkl` lists, record for record.
 """
 
 from __future__ import annotations
@@ -31,12 +64,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from transformers import DynamicCache
 
 from .distributed import Ranks
+from .evaluation import greedy_continuations
 from .keys import pad_right
 from .prompts import common_prefix, encode_target
 
@@ -415,28 +449,276 @@ def choose_answers(model, tok, examples: Sequence[Example], batch_size: int = 8)
     return [max(range(len(s)), key=lambda c: (s[c], -c)) for s in scores]
 
 
-def score_task(
-    model, tok, name: str, records: Sequence[dict], k_shot: int = 4, n_items: int = 100, batch_size: int = 8,
-    ranks: Optional[Ranks] = None,
-) -> dict[str, float | int]:
-    """Few-shot score of the model on one task: {"f1", "accuracy"} in percent, and "n" items.
+# ---------------------------------------------------------------------------------------------
+# The published protocol ("paper"): ENCORE's glue_eval, commit b87d96d
 
-    The first `k_shot` records are the shots, the next `n_items` are scored. F1 is that of the
-    task's positive class (label 1 for sst2/mrpc/cola, entailment for rte/nli) or, for mmlu, the
-    macro-F1 over the four choices. With several processes (`ranks`) each answers its share of
-    the items and the answers are gathered.
+
+PAPER_TEST_START = 10  # items are records[10:], shots come from records[:10] (useful_functions.py:22, 33)
+PAPER_K_SHOT = 4  # --number_of_few_shots default "4,4,4,4,4,4" (experiments/evaluate_unified_editing.py:596)
+PAPER_N_ITEMS = 100  # --number_of_tests default 100 (experiments/evaluate_unified_editing.py:602)
+PAPER_MAX_NEW_TOKENS = 3  # GLUEEval.evaluate(gen_len=3), passed to every task (glue_eval.py:49-93)
+# The context length the published code assumes for its models (useful_functions.py:36-43); any
+# other model: its config's max_position_embeddings / n_positions (the published code would fail).
+# As published, the lookup lowercases the name, so the gpt-j key never matches (its config gives 2048).
+PAPER_CONTEXT_LENGTH = {
+    "gpt2-xl": 1024, "llama-2-7b-hf": 4096, "EleutherAI/gpt-j-6B": 2048, "gpt2-large": 1024,
+    "gpt2-medium": 1024, "meta-llama-3-8b": 4096,
+}
+INVALID = -1  # an answer that names no label
+
+
+@dataclass(frozen=True)
+class PaperTask:
+    """A task as the published code writes and parses it (raw field values, nothing stripped)."""
+
+    name: str
+    shot: Callable[[dict], str]  # one solved demonstration, ending with "\n"
+    question: Callable[[dict], str]  # the item, ending where the answer is generated
+    gold: Callable[[dict], int]
+    parse: Callable[[str, str], int]  # (decoded prompt + generation, decoded prompt) -> label or INVALID
+
+
+def _first_match(text: str, words: Sequence[tuple[str, int]]) -> int:
+    """The label of the first word (in this order) that occurs in `text` lowercased, else INVALID."""
+    lowered = text.lower()
+    for word, label in words:
+        if word in lowered:
+            return label
+    return INVALID
+
+
+def _after(marker: str, words: Sequence[tuple[str, int]]) -> Callable[[str, str], int]:
+    """The published `_get_answer`: the text after the last `marker`, stripped, then `in` checks."""
+    return lambda text, prompt: _first_match(text.split(marker)[-1].strip(), words)
+
+
+def _mmlu_choices(r: dict) -> str:
+    return "".join(f"({letter}) {choice}\n" for letter, choice in zip(MMLU_LETTERS, r["choices"]))
+
+
+def _mmlu_answer(text: str, prompt: str) -> int:
+    # mmlu_eval.py:73-82, 131: the generation is the decoded output with the decoded prompt removed
+    return _first_match(text.replace(prompt, ""), [("a\n", 0), ("b\n", 1), ("c\n", 2), ("d\n", 3)])
+
+
+_MRPC_HEAD = "Are the sentences paraphrases of each other.\n"
+_COLA_HEAD = "Is this sentence linguistically acceptable?\n"
+
+PAPER_TASKS: dict[str, PaperTask] = {
+    # sst_eval.py:24-28 (shots), 31 (item: no space after "Review :"), 46-53 (parse)
+    "sst2": PaperTask(
+        "sst2",
+        lambda r: f"Review : {r['sentence']}\nSentiment : {'positive' if r['label'] == 1 else 'negative'}\n",
+        lambda r: "Review :" + r["sentence"] + "\nSentiment :",
+        lambda r: r["label"],
+        _after("Sentiment :", [("positive", 1), ("negative", 0)]),
+    ),
+    # mrpc_eval.py:23-27, 38-40, 54-62
+    "mrpc": PaperTask(
+        "mrpc",
+        lambda r: f"{_MRPC_HEAD}Sentence 1: {r['sentence1']}\nSentence 2: {r['sentence2']}\n"
+        f"Answer: {'No' if r['label'] == 0 else 'Yes'}\n",
+        lambda r: _MRPC_HEAD + "Sentence 1: " + r["sentence1"] + "\n" + "Sentence 2: " + r["sentence2"] + "\n" + "Answer:",
+        lambda r: r["label"],
+        _after("Answer:", [("yes", 1), ("no", 0)]),
+    ),
+    # cola_eval.py:24-29, 40-41 (the item ends with "Answer: ", a space included), 56-64
+    "cola": PaperTask(
+        "cola",
+        lambda r: f"{_COLA_HEAD}Sentence: {r['sentence']}\nAnswer: {'No' if r['label'] == 0 else 'Yes'}\n",
+        lambda r: _COLA_HEAD + "Sentence: " + r["sentence"] + "\n" + "Answer: ",
+        lambda r: r["label"],
+        _after("Answer:", [("yes", 1), ("no", 0)]),
+    ),
+    # rte_eval.py:24-28, 39-41, 54-62. Published quirk, reproduced on purpose: label 0 (GLUE
+    # entailment) is written "False" and "false" parses back to 0 -- an inverted True/False.
+    "rte": PaperTask(
+        "rte",
+        lambda r: f"{r['sentence1']}\nquestion: {r['sentence2']} True or False?\n"
+        f"answer: {'False' if r['label'] == 0 else 'True'}\n",
+        lambda r: r["sentence1"] + "\n" + "question: " + r["sentence2"] + " True or False?" + "\n" + "answer:",
+        lambda r: r["label"],
+        _after("answer:", [("false", 0), ("true", 1)]),
+    ),
+    # nli_eval.py:29-35, 48-60 (gold: 1 = entailment)
+    "nli": PaperTask(
+        "nli",
+        lambda r: f"{r['sentence1']} entails the {r['sentence2']} True or False? Answer: "
+        f"{'True' if r['label'] == 'entailment' else 'False'}\n",
+        lambda r: f"{r['sentence1']} entails the {r['sentence2']} True or False? Answer:",
+        lambda r: 1 if r["label"] == "entailment" else 0,
+        _after("True or False? Answer:", [("true", 1), ("false", 0)]),
+    ),
+    # mmlu_eval.py:24-32, 45-50, 73-82
+    "mmlu": PaperTask(
+        "mmlu",
+        lambda r: f"Question: {r['question']}\n{_mmlu_choices(r)}Answer: {MMLU_LETTERS[r['answer']]}\n",
+        lambda r: "Question: " + r["question"] + "\n" + _mmlu_choices(r) + "Answer:",
+        lambda r: r["answer"],
+        _mmlu_answer,
+    ),
+}
+
+
+def paper_answer(name: str, text: str, prompt: str = "") -> int:
+    """The label the published code reads in `text` (the decoded prompt and generation), or -1.
+
+    `prompt` (the decoded prompt) is only used by MMLU, which parses `text` without it.
     """
+    return PAPER_TASKS[get_task(name).name].parse(text, prompt)
+
+
+@dataclass(frozen=True)
+class PaperItem:
+    prompt: str
+    gold: int
+
+
+def paper_context_length(model) -> int | None:
+    """The context length the published code would assume for the model (None: unknown)."""
+    config = getattr(model, "config", None)
+    name = str(getattr(config, "_name_or_path", "") or "").lower().split("/")[-1]
+    if name in PAPER_CONTEXT_LENGTH:  # the published lookup: model.config._name_or_path's last part
+        return PAPER_CONTEXT_LENGTH[name]
+    for attr in ("max_position_embeddings", "n_positions"):
+        if isinstance(getattr(config, attr, None), int):
+            return getattr(config, attr)
+    return None
+
+
+def paper_prompts(
+    records: Sequence[dict], task: str | Task, k_shot: int | None = None, n_items: int | None = None,
+    tok=None, context_length: int | None = None, max_new_tokens: int = PAPER_MAX_NEW_TOKENS,
+) -> list[PaperItem]:
+    """The published items: records[10 : 10 + n_items], each after the shots records[:k_shot].
+
+    None: 4 shots, 100 items (the published experiments). With a tokenizer and a context length,
+    shots are dropped from the end as published, so that the prompt's and each kept shot's token
+    counts (special tokens included, counted separately) plus `max_new_tokens` fit.
+    """
+    task = get_task(task)
+    paper = PAPER_TASKS[task.name]
+    k_shot = PAPER_K_SHOT if k_shot is None else k_shot
+    n_items = PAPER_N_ITEMS if n_items is None else n_items
+    if not 0 <= k_shot <= PAPER_TEST_START:  # useful_functions.py:28
+        raise ValueError(f"the paper protocol takes 0 to {PAPER_TEST_START} shots, got {k_shot}")
+    available = len(records) - PAPER_TEST_START
+    if n_items < 1 or n_items > available:  # useful_functions.py:30
+        raise ValueError(
+            f"task {task.name!r}: the paper protocol scores records[{PAPER_TEST_START}:], at most {max(available, 0)} "
+            f"items here, got n_items={n_items}"
+        )
+    for i in [*range(k_shot), *range(PAPER_TEST_START, PAPER_TEST_START + n_items)]:
+        try:
+            convert_record(task, records[i])  # the fields the templates read are there
+        except ValueError as err:
+            raise ValueError(f"task {task.name!r}: record {i}: {err}") from None
+    shots = [paper.shot(records[i]) for i in range(k_shot)]
+    limited = tok is not None and context_length is not None
+    shot_lengths = [len(tok(s).input_ids) for s in shots] if limited else []
+    items = []
+    for i in range(PAPER_TEST_START, PAPER_TEST_START + n_items):
+        question = paper.question(records[i])
+        context = "".join(shots)
+        if limited:  # sst_eval.py:32-40
+            remaining = context_length - len(tok(question).input_ids) - max_new_tokens
+            context = ""
+            for shot, length in zip(shots, shot_lengths):
+                remaining -= length
+                if remaining < 0:
+                    break
+                context += shot
+        items.append(PaperItem(context + question, paper.gold(records[i])))
+    return items
+
+
+def weighted_f1(gold: Sequence[int], pred: Sequence[int]) -> float:
+    """scikit-learn's `f1_score(gold, pred, average="weighted")`, in [0, 1].
+
+    Per-class F1 for every class among the gold labels and predictions (an invalid answer, -1, is
+    a class of its own), weighted by the class's number of gold labels: a class never in gold (such
+    as -1) weighs nothing, but its predictions are misses of their gold classes.
+    """
+    if len(gold) != len(pred):
+        raise ValueError(f"{len(gold)} gold labels but {len(pred)} predictions")
+    if not gold:
+        return 0.0
+    classes = sorted(set(gold) | set(pred))
+    return sum(sum(g == c for g in gold) * _f1(gold, pred, c) for c in classes) / len(gold)
+
+
+def paper_predictions(
+    model, tok, name: str, prompts: Sequence[str], max_new_tokens: int = PAPER_MAX_NEW_TOKENS, batch_size: int = 8
+) -> list[int]:
+    """The published answer to each prompt: greedy generation, decoded with the prompt, parsed."""
+    answers = []
+    for prompt, new in zip(prompts, greedy_continuations(model, tok, prompts, max_new_tokens, batch_size)):
+        ids = tok(prompt).input_ids
+        # sst_eval.py:85, 94: the output (prompt ids + new ids) decoded without special tokens
+        text = tok.decode(ids + new, skip_special_tokens=True)
+        answers.append(paper_answer(name, text, tok.decode(ids, skip_special_tokens=True)))
+    return answers
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring a task under either protocol
+
+PROTOCOLS = ("logprob", "paper")
+Protocol = Literal["logprob", "paper"]
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown downstream protocol {protocol!r}; use one of: {', '.join(PROTOCOLS)}")
+    return protocol
+
+
+def score_task(
+    model, tok, name: str, records: Sequence[dict], k_shot: int | None = 4, n_items: int | None = 100,
+    batch_size: int = 8, ranks: Optional[Ranks] = None, protocol: Protocol = "logprob",
+    max_new_tokens: int | None = None,
+) -> dict[str, float | int | str]:
+    """Few-shot score of the model on one task: {"f1", "accuracy"} in percent, "n" items, "protocol".
+
+    protocol "logprob": the first `k_shot` records are the shots, the next `n_items` are scored
+    (`n_items=None`: all the remaining records); F1 is that of the task's positive class (label 1
+    for sst2/mrpc/cola, entailment for rte/nli) or, for mmlu, the macro-F1 over the four choices.
+
+    protocol "paper" (see the module docstring): shots records[:k_shot], items records[10 : 10 +
+    n_items] (None: the published 4 shots and 100 items), greedy generation of `max_new_tokens`
+    (None: the published 3), F1 = weighted F1 with invalid answers (-1) included; the result also
+    has "invalid", the number of answers naming no label.
+
+    With several processes (`ranks`) each answers its share of the items and the answers are
+    gathered.
+    """
+    check_protocol(protocol)
     ranks = ranks or Ranks()
     task = get_task(name)
-    items = few_shot_prompts(records, task, k_shot, n_items)
-    gold = [ex.answer for ex in items]
-    mine = torch.tensor(choose_answers(model, tok, ranks.share(items), batch_size), dtype=torch.long, device="cpu")
-    pred = ranks.gather(mine, len(items)).tolist()
+    if protocol == "paper":
+        new_tokens = PAPER_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+        if new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {new_tokens}")
+        items = paper_prompts(records, task, k_shot, n_items, tok, paper_context_length(model), new_tokens)
+        gold = [item.gold for item in items]
+        answers = paper_predictions(model, tok, task.name, [it.prompt for it in ranks.share(items)], new_tokens, batch_size)
+        mine = torch.tensor(answers, dtype=torch.long, device="cpu")
+        pred = ranks.gather(mine, len(items)).tolist()
+        return {
+            "f1": 100.0 * weighted_f1(gold, pred), "accuracy": 100.0 * accuracy(gold, pred), "n": len(items),
+            "protocol": protocol, "invalid": sum(p == INVALID for p in pred),
+        }
+    if k_shot is None:
+        raise ValueError("the logprob protocol needs k_shot (an integer >= 0)")
+    examples = few_shot_prompts(records, task, k_shot, n_items)
+    gold = [ex.answer for ex in examples]
+    mine = torch.tensor(choose_answers(model, tok, ranks.share(examples), batch_size), dtype=torch.long, device="cpu")
+    pred = ranks.gather(mine, len(examples)).tolist()
     if task.positive is None:
         f1 = macro_f1(gold, pred, labels=range(task.num_candidates))
     else:
         f1 = binary_f1(gold, pred, positive=task.positive)
-    return {"f1": 100.0 * f1, "accuracy": 100.0 * accuracy(gold, pred), "n": len(items)}
+    return {"f1": 100.0 * f1, "accuracy": 100.0 * accuracy(gold, pred), "n": len(examples), "protocol": protocol}
 
 
 def evaluate_downstream(
@@ -444,13 +726,17 @@ def evaluate_downstream(
     tok,
     tasks: Sequence[str],
     data_dir: str | Path | None = None,
-    k_shot: int = 4,
-    n_items: int = 100,
+    k_shot: int | None = 4,
+    n_items: int | None = 100,
     batch_size: int = 8,
-) -> dict[str, dict[str, float | int]]:
-    """`score_task` on each task, read from `<data_dir>/<task>.json`: {task: {"f1", "accuracy", "n"}}."""
+    protocol: Protocol = "logprob",
+    max_new_tokens: int | None = None,
+) -> dict[str, dict[str, float | int | str]]:
+    """`score_task` on each task, read from `<data_dir>/<task>.json`: {task: {"f1", "accuracy", "n", "protocol", ...}}."""
+    check_protocol(protocol)
     return {
-        name: score_task(model, tok, name, load_task(name, data_dir), k_shot, n_items, batch_size)
+        name: score_task(model, tok, name, load_task(name, data_dir), k_shot, n_items, batch_size,
+                         protocol=protocol, max_new_tokens=max_new_tokens)
         for name in tasks
     }
 

@@ -13,7 +13,8 @@ Where things live (no tensor is created without a device):
   in host memory); `place_key_sums` puts them there, other processes hold none.
 """
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -52,6 +53,19 @@ class EditedLayers(nn.Module):
         w = self.lm.weight_out_in(layer)  # a view of the stored weight (GPT-2: transposed)
         total = self.base(layer).float() + self.increment(layer)
         w.copy_(total.to(device=w.device, dtype=w.dtype))
+
+    @contextmanager
+    def unedited(self) -> Iterator[None]:
+        """The base weights in the model for the duration (e.g. to compute C0, which is always
+        the unedited model's); round(base + cumulative increment) again afterwards."""
+        with torch.no_grad():
+            for l in self.layers:
+                self.lm.weight_out_in(l).copy_(self.base(l))
+        try:
+            yield
+        finally:
+            for l in self.layers:
+                self.set_weight(l)
 
     def increments(self) -> dict[str, torch.Tensor]:
         """{module name: cumulative increment [out, in]}, float32 on the CPU (what a patch holds)."""

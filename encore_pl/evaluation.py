@@ -1,8 +1,17 @@
-"""Scoring edit requests on the current model (teacher forcing, METHOD.md "Evaluation").
+"""Scoring edit requests on the current model (METHOD.md "Evaluation").
 
-CounterFact: a target's score is its mean per-token NLL after the prompt; an edit succeeds on a
-prompt when P(new) > P(true) (neighbourhood prompts: P(true) > P(new)).
-zsRE: teacher-forced top-1 accuracy of the target tokens.
+Teacher-forced, as published: CounterFact: a target's score is its mean per-token NLL after the
+prompt; an edit succeeds on a prompt when P(new) > P(true) (neighbourhood prompts: P(true) >
+P(new)). zsRE: teacher-forced top-1 accuracy of the target tokens.
+
+By the model's own answer (generation scores): the greedy continuation of a prompt, as long as
+the target plus 3 tokens, must start with the new target (rewrite and paraphrase prompts) or
+still start with the true object (neighbourhood prompts); case and leading space are ignored.
+Teacher forcing only asks whether the target is likelier than one alternative; this asks whether
+the model says it.
+
+Every score is per request (the mean over its prompts), then the mean over requests; a request
+without paraphrase or neighbourhood prompts is left out of that score's mean (NaN per request).
 """
 
 import math
@@ -13,9 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import EditRequest
-from .keys import pad_right
+from .keys import pad_left, pad_right
 from .layouts import LocatedModel
 from .prompts import encode_target
+
+GENERATION_SLACK = 3  # greedy tokens beyond the target's length
 
 
 @torch.no_grad()
@@ -54,50 +65,128 @@ def target_nll_and_accuracy(
 
 
 def _per_case(values: torch.Tensor, owners: list[int], n: int) -> torch.Tensor:
+    """Mean of `values` per owner; NaN for an owner with no value."""
     owners_t = torch.tensor(owners, dtype=torch.long, device="cpu")
     total = torch.zeros(n, device="cpu").index_add(0, owners_t, values.float())
     count = torch.zeros(n, device="cpu").index_add(0, owners_t, torch.ones(len(owners), device="cpu"))
-    return total / count.clamp(min=1)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
 
 
-def score_requests(
-    lm: LocatedModel, tok, requests: list[EditRequest], batch_size: int = 64, desc: str | None = None
-) -> dict[str, torch.Tensor]:
-    """Per-request scores in [0, 1]: efficacy, paraphrase, neighborhood, their magnitudes
-    (mean P(new) - P(true), reversed for neighbourhood), and P(new), P(true) on the rewrite prompt.
-
-    CounterFact-style requests use P(new) > P(true); zsRE requests use token accuracy (their
-    magnitudes are 0). P is exp(-mean token NLL), as the published evaluation.
-    """
-    n = len(requests)
+def prompt_groups(requests: list[EditRequest]) -> dict[str, list[tuple[int, str, str, str]]]:
+    """(request index, prompt, target that should win, the other target or "") per score."""
     groups = {"efficacy": [], "paraphrase": [], "neighborhood": []}
     for i, r in enumerate(requests):
         groups["efficacy"].append((i, r.filled_prompt, r.target_new, r.target_true))
         for p in r.paraphrase_prompts:
             groups["paraphrase"].append((i, p, r.target_new, r.target_true))
-        for p in r.neighborhood_prompts:
-            # counterfact: neighbours should keep the true object over the new one
-            groups["neighborhood"].append((i, p, r.neighborhood_target, r.target_new))
-    pairs, where = [], {}
+        for p in r.neighborhood_prompts:  # neighbours should keep their true object over the new one
+            groups["neighborhood"].append((i, p, r.neighborhood_target, "" if r.kind == "zsre" else r.target_new))
+    return groups
+
+
+def score_requests(
+    lm: LocatedModel, tok, requests: list[EditRequest], batch_size: int = 64, desc: str | None = None,
+    generation: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Per-request scores in [0, 1] (NaN: the request has no prompt of that kind): efficacy,
+    paraphrase, neighborhood, their magnitudes (mean P(new) - P(true), reversed for
+    neighbourhood), P(new) and P(true) on the rewrite prompt, and with `generation` the three
+    `generation_*` scores.
+
+    CounterFact-style requests use P(new) > P(true); zsRE requests use token accuracy (their
+    magnitudes are 0, and P(true) is P(new): the edit teaches the true answer). P is exp(-mean
+    token NLL), as the published evaluation.
+    """
+    n = len(requests)
+    groups = prompt_groups(requests)
+    pairs, where = [], {}  # teacher-forced (prompt, target) pairs; where[name][k] = (index of keep, of other)
     for name, items in groups.items():
-        where[name] = len(pairs)
+        where[name] = []
         for _, prompt, keep, other in items:
-            pairs += [(prompt, keep), (prompt, other)]
+            where[name].append((len(pairs), len(pairs) + 1 if other else None))
+            pairs += [(prompt, keep)] + ([(prompt, other)] if other else [])
     nll, acc = target_nll_and_accuracy(lm, tok, pairs, batch_size, desc)
     zsre = torch.tensor([r.kind == "zsre" for r in requests], dtype=torch.bool, device="cpu")
     out = {}
     for name, items in groups.items():
         owners = [i for i, *_ in items]
-        start, m = where[name], len(items)
-        good, bad = nll[start : start + 2 * m : 2], nll[start + 1 : start + 2 * m : 2]
+        keep_at = torch.tensor([k for k, _ in where[name]], dtype=torch.long, device="cpu")
+        other_at = torch.tensor([o if o is not None else k for k, o in where[name]], dtype=torch.long, device="cpu")
+        good, bad = nll[keep_at], nll[other_at]  # zsRE: no other target (bad = good, unused)
         success = _per_case((good < bad).float(), owners, n)
-        accuracy = _per_case(acc[start : start + 2 * m : 2], owners, n)
+        accuracy = _per_case(acc[keep_at], owners, n)
         magnitude = _per_case(torch.exp(-good) - torch.exp(-bad), owners, n)
         out[name] = torch.where(zsre, accuracy, success)
-        out[f"{name}_magnitude"] = torch.where(zsre, torch.zeros(n, device="cpu"), magnitude)
+        out[f"{name}_magnitude"] = torch.where(zsre & ~magnitude.isnan(), torch.zeros(n, device="cpu"), magnitude)
         if name == "efficacy":  # P(new) and P(true) on the rewrite prompt
             out["new_prob"], out["true_prob"] = torch.exp(-good), torch.exp(-bad)
+    if generation:
+        for name, items in groups.items():
+            said = greedy_says(lm, tok, [(prompt, keep) for _, prompt, keep, _ in items], batch_size)
+            out[f"generation_{name}"] = _per_case(said.float(), [i for i, *_ in items], n)
     return out
+
+
+def eos_ids(model, tok) -> set[int]:
+    """The tokens that end a generation: the model's generation config's, else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tok.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+
+@torch.no_grad()
+def greedy_continuations(model, tok, prompts: list[str], max_new_tokens: int | list[int], batch_size: int = 64) -> list[list[int]]:
+    """Each prompt's greedy continuation: up to `max_new_tokens` (one number, or one per prompt)
+    new token ids, cut after an EOS. The prompt is tokenised as `tok(prompt)` (special tokens
+    added). Prompts of similar length run together, left-padded with an attention mask; a row
+    that ends early is cut after its EOS, so each continuation is what the prompt alone gives.
+    Greedy and nothing else: the model's own generation defaults (sampling, penalties) are not used."""
+    from transformers import GenerationConfig
+
+    if not prompts:
+        return []
+    steps = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token to pad batched generation with")
+    eos = eos_ids(model, tok)
+    device = next(model.parameters()).device
+    encoded = [tok(p).input_ids for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), steps[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    try:
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            ids, mask = pad_left([encoded[i] for i in idx], pad, device)
+            config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max(steps[i] for i in idx),
+                                      pad_token_id=pad, eos_token_id=sorted(eos) or None)
+            new = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1] :].tolist()
+            for row, i in enumerate(idx):
+                tokens = new[row][: steps[i]]
+                end = next((j + 1 for j, t in enumerate(tokens) if t in eos), len(tokens))
+                out[i] = tokens[:end]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def starts_with(text: str, target: str) -> bool:
+    """Whether generated `text` starts with `target`, case and leading space ignored."""
+    return text.lstrip().lower().startswith(target.strip().lower())
+
+
+def greedy_says(lm: LocatedModel, tok, pairs: list[tuple[str, str]], batch_size: int = 64) -> torch.Tensor:
+    """For each (prompt, target): whether the greedy continuation (target tokens + 3) starts with
+    the target (bool, on the host)."""
+    if not pairs:
+        return torch.zeros(0, dtype=torch.bool, device="cpu")
+    lengths = [len(encode_target(tok, prompt, target)) + GENERATION_SLACK for prompt, target in pairs]
+    continuations = greedy_continuations(lm.model, tok, [p for p, _ in pairs], lengths, batch_size)
+    texts = tok.batch_decode(continuations, skip_special_tokens=True)
+    return torch.tensor([starts_with(t, target) for t, (_, target) in zip(texts, pairs)], dtype=torch.bool, device="cpu")
 
 
 def n_gram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:

@@ -29,6 +29,17 @@ def pad_right(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Te
     return ids.to(device), mask.to(device)
 
 
+def pad_left(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `pad_right`, padded on the left (for generation: every row's next token is at the end)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(seqs), width), dtype=torch.long, device="cpu")
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long, device="cpu")
+        mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
 def block_output(output) -> torch.Tensor:
     """The hidden state of a decoder block's output (a tensor, or a tuple holding it first)."""
     return output[0] if isinstance(output, tuple) else output

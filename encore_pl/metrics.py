@@ -22,8 +22,11 @@ class EditScore(Metric):
         self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, scores: torch.Tensor) -> None:
-        self.total += scores.double().sum().to(self.total.device)
-        self.count += scores.numel()
+        """Per-request values; NaN = the request has nothing to score here (left out of the mean)."""
+        scores = scores.double()
+        scored = ~scores.isnan()
+        self.total += scores[scored].sum().to(self.total.device)
+        self.count += scored.sum().to(self.count.device)
 
     def compute(self) -> torch.Tensor:
         return 100.0 * self.total / self.count.clamp(min=1)
@@ -38,15 +41,17 @@ class OverallScore(Metric):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.add_state("totals", default=torch.zeros(3, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("counts", default=torch.zeros(3, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, efficacy: torch.Tensor, paraphrase: torch.Tensor, neighborhood: torch.Tensor) -> None:
+        """Per-request values (NaN: nothing to score, left out of that mean)."""
         stacked = torch.stack([efficacy.double(), paraphrase.double(), neighborhood.double()])
-        self.totals += stacked.sum(1).to(self.totals.device)
-        self.count += efficacy.numel()
+        scored = ~stacked.isnan()
+        self.totals += stacked.nan_to_num(0.0).sum(1).to(self.totals.device)
+        self.counts += scored.sum(1).double().to(self.counts.device)
 
     def compute(self) -> torch.Tensor:
-        means = 100.0 * self.totals / self.count.clamp(min=1)
+        means = 100.0 * self.totals / self.counts.clamp(min=1)
         if (means <= 0).any():
             return torch.zeros((), dtype=torch.float64, device=means.device)
         return 3.0 / (1.0 / means).sum()
@@ -61,26 +66,36 @@ SCORE_NAMES = ("efficacy", "paraphrase", "neighborhood")
 
 class CounterFactScores(torch.nn.Module):
     """The scores of one evaluation (e.g. "pre" or "post"), updated together: ES, PS, NS, Overall,
-    and the three magnitudes."""
+    the three magnitudes and, when given, the three generation scores."""
 
     def __init__(self):
         super().__init__()
         self.scores = torch.nn.ModuleDict({name: EditScore() for name in SCORE_NAMES})
         self.magnitudes = torch.nn.ModuleDict({name: EditScore() for name in SCORE_NAMES})
+        self.generation = torch.nn.ModuleDict({name: EditScore() for name in SCORE_NAMES})
         self.overall = OverallScore()
 
     def update(self, per_request: dict[str, torch.Tensor]) -> None:
         for name in SCORE_NAMES:
             self.scores[name].update(per_request[name])
             self.magnitudes[name].update(per_request[f"{name}_magnitude"])
+            if f"generation_{name}" in per_request:
+                self.generation[name].update(per_request[f"generation_{name}"])
         self.overall.update(*(per_request[name] for name in SCORE_NAMES))
 
     def compute(self) -> dict[str, float]:
+        """Scores in percent; generation scores only if some request was scored by generation
+        (the count is summed over processes first, so every process gives the same keys)."""
         out = {f"{name}_score": self.scores[name].compute().item() for name in SCORE_NAMES}
         out["overall_score"] = self.overall.compute().item()
         out.update({f"{name}_magnitude": self.magnitudes[name].compute().item() for name in SCORE_NAMES})
+        for name, m in self.generation.items():
+            with m.sync_context():  # the count of all processes: they all take the same branch
+                scored = m.count.item() > 0
+            if scored:
+                out[f"generation_{name}"] = m.compute().item()
         return out
 
     def reset(self) -> None:
-        for m in [*self.scores.values(), *self.magnitudes.values(), self.overall]:
+        for m in [*self.scores.values(), *self.magnitudes.values(), *self.generation.values(), self.overall]:
             m.reset()

@@ -49,6 +49,8 @@ class EvaluationConfig:
         generation_prompts_file: a JSON list of prompts, sampled (seeded) for requests that carry
             none of their own (e.g. encore-eval/data/cf_generation_prompts.json).
         generation_length: tokens per generated text, prompt included.
+        generation_scores: also score every evaluation by the model's greedy answer
+            (generation_efficacy, generation_paraphrase, generation_neighborhood).
         probe_file: generic text (one passage per line) for the MLP-to-residual norm ratio
             (None = built-in sentences).
         batch_size: prompts per forward pass when scoring.
@@ -60,6 +62,7 @@ class EvaluationConfig:
     generation_prompts: int = 0
     generation_prompts_file: Optional[str] = None
     generation_length: int = 100
+    generation_scores: bool = True
     probe_file: Optional[str] = None
     batch_size: int = 64
 
@@ -159,7 +162,8 @@ class KnowledgeEditor(L.LightningModule):
         if not self.context_prefixes:  # sampled once, by process 0, so every process has the same
             prefixes = generate_context_prefixes(self.model, self.tokenizer, self.hparams.seed) if self.ranks.rank == 0 else None
             self.context_prefixes = self.ranks.broadcast_object(prefixes)
-        self.c0 = compute_key_statistics(self.lm, self.tokenizer, self.layers, self.key_stats, self.ranks, info=self.key_stats_info)
+        with self.edited_layers.unedited():  # a resumed run holds edits; C0 is the base model's
+            self.c0 = compute_key_statistics(self.lm, self.tokenizer, self.layers, self.key_stats, self.ranks, info=self.key_stats_info)
         # The float64 state of the solves exists only where they run: process 0, on state_device.
         state_device = torch.device(self.solver.state_device) if self.solver.state_device else self.device
         if state_device.type == "mps":  # MPS has no float64
@@ -257,7 +261,8 @@ class KnowledgeEditor(L.LightningModule):
 
     def score(self, requests: list[EditRequest], desc: Optional[str] = None) -> dict[str, torch.Tensor]:
         """Per-request scores of this process's share of `requests` (metrics sum over processes)."""
-        return score_requests(self.lm, self.tokenizer, self.ranks.share(requests), self.evaluation.batch_size, desc)
+        return score_requests(self.lm, self.tokenizer, self.ranks.share(requests), self.evaluation.batch_size, desc,
+                              generation=self.evaluation.generation_scores)
 
     def sample(self, requests: list, size: Optional[int], fraction: float = 1.0, salt: int = 0) -> list:
         """A seeded sample of `requests` (in their order): `size` of them, or a `fraction`."""
@@ -293,11 +298,15 @@ class KnowledgeEditor(L.LightningModule):
     def results(self) -> dict:
         edit_seconds = sum(b["seconds"] for b in self.history)
         n = len(self.edited)
+        data = self.trainer.datamodule
         results = {
             "method": self.solver.method,
             "model": self.hparams.model_name_or_path,
             "num_edits": n,
-            "batch_size": self.trainer.datamodule.batch_size,
+            "batch_size": data.batch_size,
+            "data": {"path": str(data.path) if data.path else None, "order": data.order, "seed": data.seed,
+                     "unique_subjects": data.unique_subjects, "repeated_subjects_left_out": len(data.repeated),
+                     "invalid_records_skipped": len(data.skipped)},
             **self.post_scores.compute(),
             "pre": self.pre_scores.compute(),
             "edit_seconds": edit_seconds,
@@ -320,8 +329,9 @@ class KnowledgeEditor(L.LightningModule):
                 results[f"{'rewrite' if name == 'efficacy' else name}_accuracy"] = results[f"{name}_score"]
         if self.downstream_history:
             first, last = self.downstream_history[0], self.downstream_history[-1]
-            tasks = [k for k in first if k not in ("num_edits", "perplexity")]
+            tasks = [k for k in first if k not in ("num_edits", "perplexity", "protocol")]
             results["downstream"] = {t: {"pre": first[t], "post": last[t]} for t in tasks}
+            results["downstream_protocol"] = last.get("protocol", "logprob")  # points before it was named: logprob
             if "perplexity" in first:
                 results["perplexity"] = {"pre": first["perplexity"], "post": last["perplexity"]}
         results.update(
@@ -409,8 +419,8 @@ class KnowledgeEditor(L.LightningModule):
         """Restore the lifelong state, after checking that the checkpoint belongs to this run."""
         state, saved = checkpoint["encore_pl"], checkpoint.get("hyper_parameters", {})
         if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError("cannot resume: the checkpoint was written by an older encore-pl (it holds edited weights, "
-                             "not cumulative increments); start the run again")
+            raise ValueError(f"cannot resume: the checkpoint was written by an older encore-pl (checkpoint format "
+                             f"{state.get('format', 1)}, this version reads {CHECKPOINT_FORMAT}); start the run again")
         mine = self.plain_hparams()
         differ = [k for k in ("layers", "z_layer", "solver", "target", "key_stats", "seed", "dtype") if saved.get(k) != mine.get(k)]
         if state["base_sha256"] != self.base_sha256:
@@ -435,7 +445,7 @@ class KnowledgeEditor(L.LightningModule):
             m._computed = None
 
 
-CHECKPOINT_FORMAT = 2  # 2: cumulative increments instead of edited weights
+CHECKPOINT_FORMAT = 3  # 2: cumulative increments instead of edited weights; 3: per-score counts, generation scores
 
 # Records of the run kept in checkpoints (besides prefixes, edited requests and metric sums).
 RECORDS = ("history", "retention", "downstream_history", "natural_probs", "target_probs", "z_steps",
@@ -444,9 +454,11 @@ RECORDS = ("history", "retention", "downstream_history", "natural_probs", "targe
 
 def format_table(rows: dict[str, dict]) -> str:
     cols = [("ES", "efficacy_score"), ("PS", "paraphrase_score"), ("NS", "neighborhood_score"), ("Overall", "overall_score")]
+    if all("generation_efficacy" in r for r in rows.values()):  # judged by the greedy answer
+        cols += [("gen ES", "generation_efficacy"), ("gen PS", "generation_paraphrase"), ("gen NS", "generation_neighborhood")]
     if all("generation_entropy" in r for r in rows.values()):
         cols.append(("Entropy", "generation_entropy"))
     lines = [f"| {'':10} | " + " | ".join(f"{c:>7}" for c, _ in cols) + " |", "|" + "-" * 12 + "|" + "|".join("-" * 9 for _ in cols) + "|"]
     for name, r in rows.items():
-        lines.append(f"| {name:10} | " + " | ".join(f"{r[k]:7.1f}" for _, k in cols) + " |")
+        lines.append(f"| {name:10} | " + " | ".join(f"{r[k]:7.1f}" if k in r else f"{'–':>7}" for _, k in cols) + " |")
     return "\n".join(lines)

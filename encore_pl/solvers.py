@@ -143,6 +143,7 @@ class WoodburySolver:
         self.absorbed = 0  # batches absorbed since the cache was built
         self.prev_trace = 0.0  # trace(prev) that the cache stands for
         self.last: Optional[tuple] = None  # (keys, X, cholesky(I + G)) of the last solve, for absorb
+        self.fallbacks = 0  # batches solved by the plain path because the cached system was not SPD
 
     def plain(self, resid: torch.Tensor, keys: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
         """The plain closed form (one d_ff x d_ff factorisation)."""
@@ -189,11 +190,21 @@ class WoodburySolver:
             return self.plain(resid, keys, prev)
         trace = 0.0 if prev is None else prev.diagonal().sum().item()
         stale = abs(trace - self.prev_trace) > 1e-9 * max(abs(trace), 1.0)
-        if self.minv is None or self.absorbed >= cfg.refactor_every or stale:
-            self.build(prev, keys.device)
-        x, chol = self.factor(keys)
+        try:
+            if self.minv is None or self.absorbed >= cfg.refactor_every or stale:
+                self.build(prev, keys.device)
+            x, chol = self.factor(keys)
+            d = resid.double() @ torch.cholesky_solve(x.T, chol)  # R (X (I + G)^-1)^T
+            if not torch.isfinite(d).all():
+                raise torch.linalg.LinAlgError("non-finite Woodbury solution")
+        except torch.linalg.LinAlgError:
+            # M or I + G not numerically positive definite (e.g. MEMIT, lambda_n = 0, on a float32
+            # C0 with eigenvalues near 0): the plain closed form, with its own general-solve
+            # fallback, for this batch; the cache is rebuilt at the next one.
+            self.minv, self.fallbacks = None, self.fallbacks + 1
+            return self.plain(resid, keys, prev)
         self.last = (given, x, chol)
-        return resid.double() @ torch.cholesky_solve(x.T, chol)  # R (X (I + G)^-1)^T
+        return d
 
     def absorb(self, keys: torch.Tensor) -> None:
         """Add the batch's K~ K~^T to M (call after `solve`, as its K K^T joins prev)."""

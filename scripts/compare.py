@@ -3,8 +3,9 @@
     python scripts/compare.py runs/encore runs/memit runs/alphaedit
     python scripts/compare.py runs/* --out comparison.md
 
-Columns: method, edits, ES / PS / NS (Efficacy / Paraphrase / Neighborhood Score, %), Overall
-(their harmonic mean, %), Generation Entropy, downstream mean (mean over the downstream tasks of the
+Columns: method, edits, ES / PS / NS (Efficacy / Paraphrase / Neighborhood Score, %, teacher
+forced), Overall (their harmonic mean, %), gen ES / gen PS / gen NS (the same judged by the greedy
+answer, %), Generation Entropy, downstream mean (mean over the downstream tasks of the
 post-edit F1), seconds per edit. A value a run did not record is shown as "–". The method is followed
 by the run directory's name when several runs used the same method.
 
@@ -20,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from encore_pl.reports import load_run, run_labels  # noqa: E402
 
 MISSING = "–"
-HEADER = ["method", "edits", "ES", "PS", "NS", "Overall", "Generation Entropy", "downstream mean", "s/edit"]
+HEADER = ["method", "edits", "ES", "PS", "NS", "Overall", "gen ES", "gen PS", "gen NS", "Generation Entropy",
+          "downstream mean", "s/edit"]
 
 
 def fmt(value, digits: int = 1) -> str:
@@ -41,6 +43,9 @@ def table_row(label: str, run: dict) -> list[str]:
         fmt(run["paraphrase_score"]),
         fmt(run["neighborhood_score"]),
         fmt(run["overall_score"]),
+        fmt(run.get("generation_efficacy")),
+        fmt(run.get("generation_paraphrase")),
+        fmt(run.get("generation_neighborhood")),
         fmt(run.get("generation_entropy")),
         fmt(downstream_mean(run)),
         fmt(run["seconds_per_edit"], 2),

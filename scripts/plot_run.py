@@ -6,7 +6,8 @@
 Writes these PNGs (a figure is skipped, with a note, when no run has its data):
 
     norm_growth.png    ||W_edited|| / ||W_original|| per edited layer against the number of edits
-    scores.png         Efficacy / Paraphrase / Neighborhood Scores against the number of edits
+    scores.png         Efficacy / Paraphrase / Neighborhood Scores against the number of edits (and,
+                       in a second row, the generation scores: judged by the greedy answer)
     probabilities.png  P(edited target) when its optimisation stopped vs P(true object) before editing
     z_steps.png        histogram of the optimisation steps each target vector z took
     downstream.png     downstream F1 per task (and perplexity) against the number of edits
@@ -31,7 +32,9 @@ from encore_pl.reports import load_run, run_labels  # noqa: E402
 
 SCORES = {"efficacy_score": "Efficacy Score", "paraphrase_score": "Paraphrase Score",
           "neighborhood_score": "Neighborhood Score"}
-NOT_TASKS = {"num_edits", "perplexity"}  # downstream_history keys that are not F1 scores
+GENERATION_SCORES = {"generation_efficacy": "Generation Efficacy", "generation_paraphrase": "Generation Paraphrase",
+                     "generation_neighborhood": "Generation Neighborhood"}
+NOT_TASKS = {"num_edits", "perplexity", "protocol"}  # downstream_history keys that are not F1 scores
 LINESTYLES = ["-", "--", "-.", ":"]
 MARKERS = ["o", "s", "^", "D", "v", "P"]
 
@@ -138,8 +141,11 @@ def plot_scores(runs, labels, styles, out, written) -> None:
     if not have:
         skip("scores.png", "no run has a non-empty retention")
         return
-    fig, axes = subplot_grid(len(SCORES), "Scores on the edits made so far, against the number of edits")
-    for ax, (key, name) in zip(axes, SCORES.items()):
+    panels = dict(SCORES)
+    if any(key in e for r, _, _ in have for e in r["retention"] for key in GENERATION_SCORES):
+        panels.update(GENERATION_SCORES)  # second row: the same, judged by the greedy answer
+    fig, axes = subplot_grid(len(panels), "Scores on the edits made so far, against the number of edits")
+    for ax, (key, name) in zip(axes, panels.items()):
         for run, label, style in have:
             points = [(e["num_edits"], e[key]) for e in run["retention"] if key in e]
             if points:

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from encore_pl.data import QUICKSTART_PATH, EditDataModule, InvalidRecord, load_requests
+from conftest import SHARED_DATA
+from encore_pl.data import QUICKSTART_PATH, EditDataModule, InvalidRecord, RepeatedSubject, load_requests
 
 GOOD_EASYEDIT = {
     "case_id": 7,
@@ -52,8 +53,9 @@ def test_each_format_parses(tmp_path):
     (r,), _ = load_requests(write(tmp_path, [GOOD_ROME]))
     assert r.filled_prompt == "The mother tongue of Danielle Darrieux is" and r.generation_prompts
     (r,), _ = load_requests(write(tmp_path, [GOOD_ZSRE]))
-    assert (r.kind, r.prompt, r.target_new, r.neighborhood_target) == (
-        "zsre", "What is the product made by {}?", " unmanned aircraft", " John Goodman")
+    # as published (ENCORE dsets/zsre.py): towards answers[0], the nq question with "?", on loc_ans
+    assert (r.kind, r.prompt, r.target_new, r.target_true) == ("zsre", "What is the product made by {}?", " uniform", "")
+    assert (r.neighborhood_prompts, r.neighborhood_target) == (["who plays walter in the big lebowski?"], " John Goodman")
 
 
 def test_jsonl_and_shipped_quickstart_set(tmp_path):
@@ -143,3 +145,52 @@ def test_datamodule_batches_in_file_order(tmp_path):
     dm.setup("fit")
     batches = [[r.case_id for r in b] for b in dm.train_dataloader()]
     assert batches == [["0", "1"], ["2", "3"], ["4"]]
+
+
+def test_zsre_records_whose_alt_is_the_answer_are_edited_towards_the_answer():
+    """17 records of the shared zsRE subset have alt == answers[0] (the first at index 101): they
+    stopped every zsRE run of more than 101 edits. Edited towards answers[0], all are valid."""
+    path = SHARED_DATA / "zsre-mend-subset" / "zsre_mend_train-1k.json"
+    if not path.exists():
+        pytest.skip(f"shared zsRE subset not found at {path}")
+    records = json.loads(path.read_text())
+    requests, skipped = load_requests(path, format="zsre")
+    assert skipped == [] and len(requests) == len(records)
+    same = [i for i, r in enumerate(records) if r["alt"].strip() == r["answers"][0].strip()]
+    assert len(same) == 17 and same[0] == 101
+    for rec, req in zip(records, requests):
+        assert req.target_new.startswith(" ") and req.target_new.strip() == rec["answers"][0].strip()
+        assert req.neighborhood_prompts == [rec["loc"].replace("nq question:", "").strip() + "?"]
+        assert req.neighborhood_target.strip() == rec["loc_ans"].strip()
+
+
+def test_unique_subjects_leaves_out_and_counts_repeated_subjects(tmp_path):
+    records = [dict(GOOD_EASYEDIT, case_id=i) for i in range(4)]
+    records[1] = dict(records[1], subject="Michel Rocard", prompt="The mother tongue of Michel Rocard is")
+    path = write(tmp_path, records)
+    requests, left_out = load_requests(path, unique_subjects=True)
+    assert [r.case_id for r in requests] == ["0", "1"]
+    assert [e.index for e in left_out] == [2, 3] and all(isinstance(e, RepeatedSubject) for e in left_out)
+    assert "already edited (record 0)" in str(left_out[0])
+    # num_edits counts the requests kept; too few unique ones is an error
+    assert [r.case_id for r in load_requests(path, num_edits=2, unique_subjects=True)[0]] == ["0", "1"]
+    with pytest.raises(ValueError, match="asked for 3 edits but only 2"):
+        load_requests(path, num_edits=3, unique_subjects=True)
+    assert len(load_requests(path)[0]) == 4  # off by default
+
+
+def test_seeded_order_is_a_seeded_shuffle(tmp_path):
+    path = write(tmp_path, [dict(GOOD_EASYEDIT, case_id=i) for i in range(30)])
+    ids = lambda **kw: [r.case_id for r in load_requests(path, **kw)[0]]
+    assert ids() == [str(i) for i in range(30)]
+    shuffled = ids(order="seeded", seed=1)
+    assert shuffled == ids(order="seeded", seed=1) != ids(order="seeded", seed=2)
+    assert sorted(shuffled, key=int) == ids() and shuffled != ids()
+    assert ids(order="seeded", seed=1, num_edits=5) == shuffled[:5]
+
+
+def test_data_module_counts_repeated_subjects_apart_from_invalid_records(tmp_path):
+    records = [dict(GOOD_EASYEDIT, case_id=i) for i in range(3)] + [{"case_id": 9}]
+    data = EditDataModule(str(write(tmp_path, records)), on_invalid="skip", unique_subjects=True)
+    data.setup("fit")
+    assert len(data.requests) == 1 and len(data.repeated) == 2 and len(data.skipped) == 1

@@ -50,9 +50,12 @@ def fake_results(method: str, full: bool, num_edits: int = 200, batch_size: int 
         return results
     results["pre"]["generation_entropy"] = 610.2
     results["generation_entropy"] = 605.1
+    results.update(generation_efficacy=61.0, generation_paraphrase=40.5, generation_neighborhood=66.25)
     results["retention"] = [
         {"num_edits": n, "efficacy_score": 99 - drift * n / 100, "paraphrase_score": 90 - drift * n / 40,
-         "neighborhood_score": 78 - drift * n / 30, "overall_score": 88 - drift * n / 30}
+         "neighborhood_score": 78 - drift * n / 30, "overall_score": 88 - drift * n / 30,
+         "generation_efficacy": 70 - drift * n / 20, "generation_paraphrase": 50 - drift * n / 20,
+         "generation_neighborhood": 70 - drift * n / 50}
         for n in range(50, num_edits + 1, 50)
     ]
     results["downstream"] = {"sst2": {"pre": 55.0, "post": 50.0}, "mrpc": {"pre": 62.0, "post": 60.0},
@@ -118,13 +121,13 @@ def test_compare_prints_one_row_per_run(runs, tmp_path):
     proc = run_script("compare.py", *runs, "--out", out)
     assert proc.returncode == 0, proc.stderr
     header, rule, *rows = parse_table(proc.stdout)
-    assert header == ["method", "edits", "ES", "PS", "NS", "Overall", "Generation Entropy", "downstream mean",
-                      "s/edit"]
+    assert header == ["method", "edits", "ES", "PS", "NS", "Overall", "gen ES", "gen PS", "gen NS",
+                      "Generation Entropy", "downstream mean", "s/edit"]
     assert set(rule[0]) <= {":", "-"}
     assert rows == [
         # downstream mean = mean(50.0, 60.0, 55.5) = 55.17
-        ["encore", "200", "97.0", "85.0", "71.5", "83.1", "605.1", "55.2", "3.50"],
-        ["memit", "200", "88.0", "70.3", "60.0", "71.4", "–", "–", "1.23"],
+        ["encore", "200", "97.0", "85.0", "71.5", "83.1", "61.0", "40.5", "66.2", "605.1", "55.2", "3.50"],
+        ["memit", "200", "88.0", "70.3", "60.0", "71.4", "–", "–", "–", "–", "–", "1.23"],
     ]
     assert parse_table(out.read_text()) == [header, rule, *rows]
 

@@ -235,3 +235,28 @@ def test_least_squares_update_solves_through_the_cache_and_updates_prev_keys(mon
     assert all(update.solvers[l].minv is not None for l in layers)
     for layer in layers:
         torch.testing.assert_close(bufs[layer], expected_prev[layer])
+
+
+def test_woodbury_falls_back_to_the_plain_solve_on_an_indefinite_c0():
+    """MEMIT (lambda_n = 0) on a C0 with a slightly negative eigenvalue, as a float32 C0 of a
+    nearly rank-deficient corpus can have: M = lambda_p C0 is not positive definite, so the cached
+    Cholesky fails; the batch is solved by the plain closed form (general solve) instead of crashing."""
+    g = torch.Generator().manual_seed(11)
+    d_ff = 32
+    q, _ = torch.linalg.qr(torch.randn(d_ff, d_ff, generator=g, dtype=torch.float64))
+    eigenvalues = torch.logspace(0, -6, d_ff, dtype=torch.float64)
+    eigenvalues[-1] = -1e-7
+    c0 = (q * eigenvalues) @ q.T
+    cfg = SolverConfig(method="memit", lambda_p=3.0, refactor_every=4)
+    solver = WoodburySolver(cfg, c0.float())
+    prev = torch.zeros(d_ff, d_ff, dtype=torch.float64)
+    with pytest.raises(torch.linalg.LinAlgError):  # what crashed the run before
+        torch.linalg.cholesky(cfg.lambda_p * c0.float().double())
+    for _ in range(2):
+        r, k = torch.randn(D_OUT, 3, generator=g, dtype=torch.float64), torch.randn(d_ff, 3, generator=g, dtype=torch.float64)
+        a = cfg.lambda_p * c0.float().double() + prev + k @ k.T
+        d = solver.solve(r, k, prev)
+        torch.testing.assert_close(d @ a, r @ k.T, rtol=1e-7, atol=1e-9)  # D (lambda_p C0 + prev + K K^T) = R K^T
+        solver.absorb(k)
+        prev += k @ k.T
+    assert solver.fallbacks >= 1

@@ -268,3 +268,37 @@ def test_process_0s_cache_and_info_reach_the_other_processes(tiny_llama_dir, tmp
     # process 0's cache is checked on every process: a too small one stops them all alike
     with pytest.raises(ValueError, match="the cached C0 .* comes from 100 tokens of process 0's corpus"):
         compute_key_statistics(lm, tok, [1], cfg, ProcessOne([[[], {**zero_info, "tokens": 100}]], [zero_c0]))
+
+
+def test_a_resumed_run_without_the_c0_cache_computes_c0_from_the_base_weights(tiny_llama_dir, tmp_path, monkeypatch):
+    """On resume the model holds the edits of the checkpoint; if the C0 cache is gone, C0 (and its
+    cache, keyed by the base model) must still be the unedited model's."""
+    from encore_pl.distributed import Ranks
+    from encore_pl.module import KnowledgeEditor
+
+    key_stats = KeyStatistics(files=[str(write_paragraphs(tmp_path))], num_tokens=None, seq_len=24, batch_size=3,
+                              min_tokens_factor=0)  # a small corpus is enough to tell two C0s apart
+
+    def c0_of(increment_scale: float, cache: str) -> tuple[dict, KnowledgeEditor]:
+        monkeypatch.setenv("ENCORE_PL_CACHE", str(tmp_path / cache))
+        module = KnowledgeEditor(str(tiny_llama_dir), layers=[1, 2], key_stats=key_stats)
+        module.ranks = Ranks()
+        module.context_prefixes = ["x. "]  # as restored from a checkpoint
+        g = torch.Generator().manual_seed(0)
+        module.edited_layers.load_increments({l: increment_scale * torch.randn(module.edited_layers.increment(l).shape, generator=g)
+                                              for l in module.layers})
+        edited = {l: module.lm.weight_out_in(l).clone() for l in module.layers}
+        module.on_fit_start()
+        for l in module.layers:  # the edits are back in the model afterwards
+            assert torch.equal(module.lm.weight_out_in(l), edited[l])
+        return module.c0, module
+
+    base, _ = c0_of(0.0, "cache-base")
+    resumed, _ = c0_of(1.0, "cache-resumed")
+    for l in base:
+        torch.testing.assert_close(resumed[l], base[l], rtol=0, atol=0)
+    # what C0 of the edited model would be: different (so the check above can fail)
+    _, module = c0_of(1.0, "cache-edited-2")
+    monkeypatch.setenv("ENCORE_PL_CACHE", str(tmp_path / "cache-edited"))
+    edited_c0 = compute_key_statistics(module.lm, module.tokenizer, module.layers, key_stats)
+    assert not torch.allclose(edited_c0[2], base[2])
