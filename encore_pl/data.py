@@ -312,8 +312,8 @@ class EditDataModule(L.LightningDataModule):
             on_invalid: "error" stops at the first bad record; "skip" skips and counts them.
             order: "file" edits the records in file order; "seeded" in an order shuffled with `seed`.
             unique_subjects: leave out (and count) a request whose subject is already in the
-                stream, as the paper's sampled sets (e.g. 727 of the 10,000 records of
-                counterfact-edit.json share a subject with an earlier one).
+                stream, as the paper's sampled sets (e.g. 413 of the 10,000 records of
+                counterfact-edit.json repeat an earlier record's subject).
             seed: fixes the "seeded" order.
         """
         super().__init__()

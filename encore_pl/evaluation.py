@@ -122,7 +122,8 @@ def score_requests(
             out["new_prob"], out["true_prob"] = torch.exp(-good), torch.exp(-bad)
     if generation:
         for name, items in groups.items():
-            said = greedy_says(lm, tok, [(prompt, keep) for _, prompt, keep, _ in items], batch_size)
+            said = greedy_says(lm, tok, [(prompt, keep) for _, prompt, keep, _ in items], batch_size,
+                               desc and f"{desc}: greedy answers ({name})")
             out[f"generation_{name}"] = _per_case(said.float(), [i for i, *_ in items], n)
     return out
 
@@ -136,7 +137,9 @@ def eos_ids(model, tok) -> set[int]:
 
 
 @torch.no_grad()
-def greedy_continuations(model, tok, prompts: list[str], max_new_tokens: int | list[int], batch_size: int = 64) -> list[list[int]]:
+def greedy_continuations(
+    model, tok, prompts: list[str], max_new_tokens: int | list[int], batch_size: int = 64, desc: str | None = None
+) -> list[list[int]]:
     """Each prompt's greedy continuation: up to `max_new_tokens` (one number, or one per prompt)
     new token ids, cut after an EOS. The prompt is tokenised as `tok(prompt)` (special tokens
     added). Prompts of similar length run together, left-padded with an attention mask; a row
@@ -158,7 +161,7 @@ def greedy_continuations(model, tok, prompts: list[str], max_new_tokens: int | l
     was_training = model.training
     model.eval()
     try:
-        for b in range(0, len(order), batch_size):
+        for b in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
             idx = order[b : b + batch_size]
             ids, mask = pad_left([encoded[i] for i in idx], pad, device)
             config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max(steps[i] for i in idx),
@@ -178,13 +181,13 @@ def starts_with(text: str, target: str) -> bool:
     return text.lstrip().lower().startswith(target.strip().lower())
 
 
-def greedy_says(lm: LocatedModel, tok, pairs: list[tuple[str, str]], batch_size: int = 64) -> torch.Tensor:
+def greedy_says(lm: LocatedModel, tok, pairs: list[tuple[str, str]], batch_size: int = 64, desc: str | None = None) -> torch.Tensor:
     """For each (prompt, target): whether the greedy continuation (target tokens + 3) starts with
     the target (bool, on the host)."""
     if not pairs:
         return torch.zeros(0, dtype=torch.bool, device="cpu")
     lengths = [len(encode_target(tok, prompt, target)) + GENERATION_SLACK for prompt, target in pairs]
-    continuations = greedy_continuations(lm.model, tok, [p for p, _ in pairs], lengths, batch_size)
+    continuations = greedy_continuations(lm.model, tok, [p for p, _ in pairs], lengths, batch_size, desc)
     texts = tok.batch_decode(continuations, skip_special_tokens=True)
     return torch.tensor([starts_with(t, target) for t, (_, target) in zip(texts, pairs)], dtype=torch.bool, device="cpu")
 

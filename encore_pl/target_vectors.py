@@ -255,6 +255,81 @@ class SuffixForward:
         return hidden
 
 
+@dataclass
+class _Step:
+    """What one step of the z optimisation runs and reads, for the rows of the active requests."""
+
+    rows: torch.Tensor  # [r] the active rows
+    request: torch.Tensor  # [r] their request
+    kind: torch.Tensor  # [r] their kind (0 bare, 1 prefixed, 2 essence)
+    token_row: torch.Tensor  # [t] local row (index into `rows`) of each read target token
+    token_col: torch.Tensor  # [t] its position in the row's suffix
+    token_id: torch.Tensor  # [t] the target token
+
+
+class ReadPositions:
+    """The target tokens read in each row, as flat index tensors built once per batch; a step
+    selects those of its active rows with a mask (no Python loop over rows or tokens)."""
+
+    def __init__(self, rows: _Rows, device: torch.device):
+        flat = [(r, col, token) for r, targets in enumerate(rows.targets) for col, token in targets]
+        row, col, token = zip(*flat) if flat else ((), (), ())
+        self.row = torch.tensor(row, dtype=torch.long, device=device)
+        self.col = torch.tensor(col, dtype=torch.long, device=device)
+        self.token = torch.tensor(token, dtype=torch.long, device=device)
+        self.request = rows.request.to(device)
+        self.kind = rows.kind.to(device)
+
+    def select(self, active_requests: torch.Tensor) -> _Step:
+        on = active_requests[self.request]  # [rows]
+        rows = torch.nonzero(on).squeeze(1)
+        local = torch.cumsum(on.long(), 0) - 1  # a row's index among the active rows
+        read = on[self.row]
+        return _Step(rows, self.request[rows], self.kind[rows], local[self.row[read]], self.col[read], self.token[read])
+
+
+@dataclass
+class _Losses:
+    loss: torch.Tensor  # [n] NLL + KL + decay per request (inactive requests: not meaningful)
+    qualifies: torch.Tensor  # [n] bool: every target token of every prefixed row is the argmax
+    target_prob: torch.Tensor  # [n] mean over rewrite rows of exp(-NLL per token), detached
+
+
+def _losses(lm: LocatedModel, hidden: torch.Tensor, step: _Step, delta: torch.Tensor, h: torch.Tensor,
+            kl_init: torch.Tensor, first: bool, hp: TargetOptimization, n: int) -> _Losses:
+    """The loss of each request from the final hidden states of its active rows (METHOD.md step 1).
+
+    NLL per rewrite row: -sum log p(target) / number of target tokens, mean over the request's
+    rewrite rows; KL(p || p_init) on the essence row's subject token (p_init taken at the first
+    step, into `kl_init`); decay ||delta|| / ||h||^2.
+    """
+    device = hidden.device
+    logits = lm.logits(hidden[step.token_row, step.token_col]).float()
+    token_logp = logits.log_softmax(-1).gather(1, step.token_id[:, None]).squeeze(1)
+    correct = logits.argmax(-1) == step.token_id
+
+    n_rows = len(step.rows)
+    row_nll = torch.zeros(n_rows, device=device).index_add(0, step.token_row, -token_logp)
+    n_tok = torch.zeros(n_rows, device=device).index_add(0, step.token_row, torch.ones_like(token_logp))
+    rewrite = step.kind < 2
+    row_nll = torch.where(rewrite, row_nll / n_tok.clamp(min=1), torch.zeros_like(row_nll))
+    rewrite_rows = torch.zeros(n, device=device).index_add(0, step.request, rewrite.float()).clamp(min=1)
+    nll = torch.zeros(n, device=device).index_add(0, step.request, row_nll) / rewrite_rows
+    row_prob = torch.where(rewrite, torch.exp(-row_nll.detach()), torch.zeros_like(row_nll))
+    target_prob = torch.zeros(n, device=device).index_add(0, step.request, row_prob) / rewrite_rows
+
+    essence = torch.nonzero(step.kind == 2).squeeze(1)
+    ess_req = step.request[essence]
+    ess_logp = lm.logits(hidden[essence, 0]).float().log_softmax(-1)
+    if first:
+        kl_init[ess_req] = ess_logp.detach()
+    kl = torch.zeros(n, device=device)
+    kl[ess_req] = hp.kl_factor * (ess_logp.exp() * (ess_logp - kl_init[ess_req])).sum(-1)
+    decay = hp.v_weight_decay * delta.norm(dim=1) / h.norm(dim=1).clamp(min=1e-12) ** 2
+    qualifies = prefixed_targets_top1(correct, step.token_row, step.request, step.kind, n)
+    return _Losses(nll + kl + decay, qualifies, target_prob)
+
+
 def compute_target_vectors(
     lm: LocatedModel,
     tok,
@@ -278,6 +353,7 @@ def compute_target_vectors(
     bare = torch.nonzero(rows.kind == 0).squeeze(1)
     h = torch.zeros((n, d), device=device)
     h[rows.request[bare].to(device)] = forward.h[bare.to(device)]
+    reads = ReadPositions(rows, device)
 
     delta = torch.zeros((n, d), device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -289,60 +365,24 @@ def compute_target_vectors(
     active = torch.ones(n, dtype=torch.bool, device="cpu")
 
     for it in range(hp.v_num_grad_steps):
-        row_idx = torch.nonzero(active[rows.request]).squeeze(1)
-        req_of_row = rows.request[row_idx].to(device)
-        first = it == 0
-        hidden = forward(row_idx.to(device), delta[req_of_row])
+        step = reads.select(active.to(device))
+        hidden = forward(step.rows, delta[step.request])
+        out = _losses(lm, hidden, step, delta, h, kl_init, it == 0, hp, n)
 
-        # Gather the positions that are read: target tokens of rewrite rows, column 0 of essence rows.
-        t_row, t_col, t_tok = [], [], []
-        for local, r in enumerate(row_idx.tolist()):
-            for col, token in rows.targets[r]:
-                t_row.append(local), t_col.append(col), t_tok.append(token)
-        t_row = torch.tensor(t_row, device=device)
-        t_tok = torch.tensor(t_tok, device=device)
-        logits = lm.logits(hidden[t_row, torch.tensor(t_col, device=device)]).float()
-        logp = logits.log_softmax(-1)
-        token_logp = logp.gather(1, t_tok[:, None]).squeeze(1)
-        correct = logits.argmax(-1) == t_tok
-
-        # NLL per rewrite row: -sum log p(target) / number of target tokens; mean per request.
-        n_rows = len(row_idx)
-        row_nll = torch.zeros(n_rows, device=device).index_add(0, t_row, -token_logp)
-        n_tok = torch.zeros(n_rows, device=device).index_add(0, t_row, torch.ones_like(token_logp))
-        kinds = rows.kind[row_idx].to(device)
-        rewrite = kinds < 2
-        row_nll = torch.where(rewrite, row_nll / n_tok.clamp(min=1), torch.zeros_like(row_nll))
-        per_req = lambda x: torch.zeros(n, device=device).index_add(0, req_of_row, x)  # noqa: E731
-        nll = per_req(row_nll) / per_req(rewrite.float()).clamp(min=1)
-
-        essence = torch.nonzero(kinds == 2).squeeze(1)
-        ess_req = req_of_row[essence]
-        ess_logp = lm.logits(hidden[essence, 0]).float().log_softmax(-1)
-        if first:
-            kl_init[ess_req] = ess_logp.detach()
-        kl = torch.zeros(n, device=device)
-        kl[ess_req] = hp.kl_factor * (ess_logp.exp() * (ess_logp - kl_init[ess_req])).sum(-1)
-        decay = hp.v_weight_decay * delta.norm(dim=1) / h.norm(dim=1).clamp(min=1e-12) ** 2
-        loss = nll + kl + decay
-
-        qualifies = prefixed_targets_top1(correct, t_row, req_of_row, kinds, n)
-        stop = mpes.update(qualifies.cpu(), active)
-        for i in torch.nonzero(active & ~stop).squeeze(1).tolist():
-            if loss[i].item() < hp.nll_stop or it == hp.v_num_grad_steps - 1:
-                stop[i] = True
+        # Stop: MPES, or the loss below nll_stop, or the last step (one host read per step).
+        stop = mpes.update(out.qualifies.cpu(), active)
+        stop |= active & ((out.loss.detach().cpu() < hp.nll_stop) | (it == hp.v_num_grad_steps - 1))
         if stop.any():
             idx = torch.nonzero(stop).squeeze(1)
             z[idx] = (h[idx] + delta[idx]).detach()
             steps[idx] = it
-            row_prob = torch.where(rewrite, torch.exp(-row_nll.detach()), torch.zeros_like(row_nll))
-            target_prob[idx] = (per_req(row_prob) / per_req(rewrite.float()).clamp(min=1))[idx].cpu()
+            target_prob[idx] = out.target_prob[idx.to(device)].cpu()
             active &= ~stop
         if not active.any():
             break
 
         opt.zero_grad()
-        loss[active.to(device)].sum().backward()
+        out.loss[active.to(device)].sum().backward()
         opt.step()
         with torch.no_grad():  # project delta into the ball of radius clamp_norm_factor * ||h||
             max_norm = hp.clamp_norm_factor * h.norm(dim=1, keepdim=True)
