@@ -32,7 +32,7 @@ from .prompts import generate_context_prefixes
 from .solvers import SolverConfig, nullspace_projector
 from .stats import KeyStatistics, compute_key_statistics
 from .reference import reference_target_vectors
-from .target_vectors import TargetOptimization, compute_target_vectors
+from .target_vectors import TargetOptimization, compute_target_vectors, step_model
 
 
 @dataclass
@@ -126,6 +126,7 @@ class KnowledgeEditor(L.LightningModule):
         self.key_stats_info: dict = {}  # tokens, documents and source of C0
         self.projectors: dict[int, torch.Tensor] = {}  # AlphaEdit, process 0, solver.state_device
         self.original_norms = {l: self.lm.weight_out_in(l).float().norm().item() for l in self.layers}
+        self.steps_lm: Optional[LocatedModel] = None  # target.compute_dtype's copy of the later blocks (on_fit_start)
         self.base_sha256 = weights_sha256(self.edited_layers.base_weights())
         # Metrics are submodules, created here: they follow the model to its device.
         self.pre_scores, self.post_scores, self.val_scores = CounterFactScores(), CounterFactScores(), CounterFactScores()
@@ -171,6 +172,10 @@ class KnowledgeEditor(L.LightningModule):
         solves_here = self.ranks.rank == 0
         self.edited_layers.place_key_sums(state_device if solves_here else None, self.loaded_key_sums)
         self.loaded_key_sums = None
+        # The z optimisation's steps in target.compute_dtype: one copy of the later blocks per run.
+        dtype = self.target.compute_dtype and getattr(torch, self.target.compute_dtype)
+        if self.target.batched and dtype and dtype != self.model.dtype:
+            self.steps_lm = step_model(self.lm, self.z_layer, dtype)
         if self.solver.method == "alphaedit" and solves_here:  # the eigendecomposition on that device
             self.projectors = {l: nullspace_projector(c.to(state_device), self.solver.nullspace_threshold)
                                for l, c in self.c0.items()}
@@ -194,10 +199,13 @@ class KnowledgeEditor(L.LightningModule):
 
     def training_step(self, batch: list[EditRequest], batch_idx: int) -> dict:
         start = time.perf_counter()
-        optimise = compute_target_vectors if self.target.batched else reference_target_vectors
         share = self.ranks.share(batch)  # this process's requests
+        if share and self.target.batched:
+            tv = compute_target_vectors(self.lm, self.tokenizer, share, self.context_prefixes, self.z_layer, self.target,
+                                        self.steps_lm)
+        elif share:
+            tv = reference_target_vectors(self.lm, self.tokenizer, share, self.context_prefixes, self.z_layer, self.target)
         if share:
-            tv = optimise(self.lm, self.tokenizer, share, self.context_prefixes, self.z_layer, self.target)
             z, steps, prob = tv.z, tv.steps.to(self.device), tv.target_prob.to(self.device)
         else:  # fewer requests than processes
             z = torch.zeros(0, self.model.config.hidden_size, device=self.device)
