@@ -10,6 +10,7 @@ on disk, one safetensors file per layer, keyed by the model's weights, the layer
 token count, `seq_len`, the mode and dtype.
 """
 
+import copy
 import hashlib
 import json
 import math
@@ -60,7 +61,8 @@ class KeyStatistics:
         dtype: dtype of the stored C0.
         compute_dtype: run the pass under autocast in this dtype, e.g. "bfloat16": 1.44x as fast
             on a 2-core AVX512-BF16 CPU (SmolLM2, 5 layers, 586k WikiText tokens: 229 s against
-            331 s), at a relative (Frobenius) error of C0 of 4e-3 to 6e-3. None: the model's own
+            331 s), at a relative (Frobenius) error of C0 of 4e-3 to 6e-3. A corpus sampled from
+            the model is sampled in a copy of the model in this dtype. None: the model's own
             dtype. Sums are always float64.
     """
 
@@ -88,7 +90,7 @@ class KeyStatistics:
             return "files-" + "-".join(digests)
         if self.hf_dataset:
             return "hf-" + self.hf_dataset.replace("/", "_").replace(":", "_")
-        return f"model-samples-seed{self.seed}"
+        return f"model-samples-v2-seed{self.seed}"  # v2: sequences sampled together (nucleus_sample)
 
     def documents(self) -> bool:
         """One document per padded sequence (False: packed, as with text sampled from the model)."""
@@ -206,7 +208,10 @@ def corpus_sequences(tok, model, cfg: KeyStatistics) -> tuple[list[list[int]], i
     if cfg.files or cfg.hf_dataset:
         stream, documents = packed_stream(tok, corpus_texts(cfg), cfg)
     else:
-        stream = sample_from_model(model, tok, cfg.num_tokens or SAMPLED_TOKENS, cfg.seq_len, cfg.batch_size, cfg.seed)
+        dtype = getattr(torch, cfg.compute_dtype) if cfg.compute_dtype else model.dtype
+        sampler = model if dtype == model.dtype else copy.deepcopy(model).to(dtype)  # real weights, not autocast
+        stream = sample_from_model(sampler, tok, cfg.num_tokens or SAMPLED_TOKENS, cfg.seq_len, cfg.seed)
+        del sampler
         documents = math.ceil(len(stream) / cfg.seq_len)
     return [stream[i : i + cfg.seq_len] for i in range(0, len(stream), cfg.seq_len)], documents
 
@@ -223,24 +228,66 @@ def check_enough(tokens: int, d_ff: int, cfg: KeyStatistics, what: str, source: 
         )
 
 
+SAMPLE_TOP_P = 0.95  # nucleus of the model-sampled corpus
+SAMPLE_CHUNK = 256  # sequences sampled together (fixed: the corpus must not depend on a batch setting)
+
+
+def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF: per row, the column where the cumulative weight first exceeds u x total."""
+    cum = weights.cumsum(-1)
+    return torch.searchsorted(cum, u * cum[:, -1:], right=True).clamp(max=weights.shape[-1] - 1)
+
+
+def nucleus_sample(logits: torch.Tensor, top_p: float, generator: torch.Generator, shortlist: int = 1024,
+                   iterations: int = 24) -> torch.Tensor:
+    """One token per row [n] from the nucleus: the most probable tokens whose probability reaches
+    `top_p` (temperature 1), drawn by inverse CDF with one uniform number per row. Exact, without
+    sorting the vocabulary: the nucleus is looked for among the `shortlist` most probable tokens
+    (a partial sort); a row whose nucleus is larger (a flat distribution) takes {p >= t} for the
+    largest t that still holds `top_p`, found by bisection (tokens tied at t are all kept)."""
+    probs = logits.float().softmax(-1)
+    u = torch.rand(len(probs), 1, generator=generator, device=probs.device)
+    top, index = probs.topk(min(shortlist, probs.shape[-1]), dim=-1)  # descending
+    nucleus = torch.where(top.cumsum(-1) - top < top_p, top, torch.zeros_like(top))  # up to and with the token reaching top_p
+    chosen = index.gather(1, _draw(nucleus, u)).squeeze(1)
+    wide = torch.nonzero(top.sum(-1) < top_p).squeeze(1)
+    if len(wide):
+        p = probs[wide]
+        lo, hi = torch.zeros_like(top[wide, -1:]), top[wide, -1:]  # t lies below the shortlist's last probability
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            enough = torch.where(p >= mid, p, torch.zeros_like(p)).sum(-1, keepdim=True) >= top_p
+            lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid)
+        chosen[wide] = _draw(torch.where(p >= lo, p, torch.zeros_like(p)), u[wide]).squeeze(1)
+    return chosen
+
+
 @torch.no_grad()
-def sample_from_model(model, tok, num_tokens: int, seq_len: int, batch_size: int, seed: int) -> list[int]:
-    """Offline corpus: `num_tokens` tokens sampled from the model (top-p 0.95) with a fixed seed."""
+def sample_from_model(model, tok, num_tokens: int, seq_len: int, seed: int) -> list[int]:
+    """Offline corpus: `num_tokens` tokens sampled from the model with a fixed seed, as sequences
+    of `seq_len` tokens that start with BOS (or EOS) and never end early (EOS is not sampled).
+    Up to SAMPLE_CHUNK sequences are generated together, token by token with a key/value cache;
+    nucleus sampling (top-p 0.95) looks for the nucleus among a shortlist (`nucleus_sample`)."""
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    device = model.device
+    n_seqs = -(-num_tokens // seq_len)
     stream: list[int] = []
-    bar = tqdm(total=num_tokens, desc="sampling C0 corpus from the model", unit="tok")
-    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):  # CUDA's RNG restored too
-        torch.manual_seed(seed)
-        while len(stream) < num_tokens:
-            ids = torch.full((batch_size, 1), start, dtype=torch.long, device=model.device)
-            out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.95, top_k=0,
-                temperature=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
-                pad_token_id=tok.pad_token_id,
-            )
-            for row in out.tolist():
-                stream.extend(row)
-            bar.update(out.numel())
+    bar = tqdm(total=n_seqs * seq_len, desc="sampling C0 corpus from the model", unit="tok")
+    for chunk, first in enumerate(range(0, n_seqs, SAMPLE_CHUNK)):
+        n = min(SAMPLE_CHUNK, n_seqs - first)
+        generator = torch.Generator(device=device).manual_seed(seed * 1000003 + chunk)
+        seqs = torch.full((n, seq_len), start, dtype=torch.long, device=device)
+        past = None
+        for t in range(1, seq_len):
+            out = model(input_ids=seqs[:, t - 1 : t], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[:, -1].float()
+            if tok.eos_token_id is not None:
+                logits[:, tok.eos_token_id] = float("-inf")  # sequences of full length
+            seqs[:, t] = nucleus_sample(logits, SAMPLE_TOP_P, generator)
+            bar.update(n)
+        stream += seqs.flatten().tolist()
+        bar.update(n)
     bar.close()
     return stream[:num_tokens]
 

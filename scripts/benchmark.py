@@ -1,14 +1,23 @@
 """How fast an editing run is, where its time goes, and how close the z optimisation is to the
-hardware: seconds per edit by phase, mean z steps, peak memory, and the floating-point rate of
-the z optimisation as a fraction of this machine's measured dense matmul rate. Then the same
-requests through the reference path (the published loop: one request at a time, the whole
-model, the full vocabulary; plain Cholesky solves), and the ratio and the scores of both.
+hardware. The same requests, in one process, through three paths:
+
+    float32     the batched path, z optimisation steps in float32
+    bfloat16    the batched path, steps in bfloat16 (model.target.compute_dtype: bfloat16)
+    reference   the published loop: one request at a time, the whole model, the full
+                vocabulary, plain Cholesky solves
+
+For each: seconds per edit by phase, mean z steps, ES / PS / NS, and the z optimisation's
+floating-point rate as a fraction of this machine's measured dense float32 / bfloat16 matmul
+rate; then how many MPES stop steps bfloat16 changed, and the peak memory.
 
     python scripts/benchmark.py --config configs/smollm2-135m/encore.yaml \\
-        --data.num_edits 100 --data.batch_size 25 [--json] [--no-reference]
+        --data.num_edits 100 --data.batch_size 25 [--json] [--no-reference] [--no-bfloat16]
+    python scripts/benchmark.py --config configs/smollm2-135m/encore.yaml --data.num_edits 100 \\
+        --batch-sizes 25 50 100        # seconds per edit of the batched path at each batch size
 
-Every option but the benchmark's own (--json, --no-reference, --matmul-seconds) is an option of
-scripts/train.py. With --json the last line printed is one JSON object.
+Every option but the benchmark's own (--json, --no-reference, --no-bfloat16, --batch-sizes,
+--matmul-seconds) is an option of scripts/train.py. With --json the last line printed is one
+JSON object.
 """
 
 import argparse
@@ -124,68 +133,116 @@ def run(args: list[str], root: str) -> tuple[KnowledgeEditor, EditDataModule, fl
 def summary(m: KnowledgeEditor) -> dict:
     r = m.results()
     n = r["num_edits"]
-    out = {"num_edits": n, "seconds_per_edit": r["seconds_per_edit"], "mean_z_steps": r["mean_z_steps"]}
+    out = {"num_edits": n, "seconds_per_edit": r["seconds_per_edit"], "mean_z_steps": r["mean_z_steps"],
+           "z_steps": list(m.z_steps)}
     out.update({f"{phase}_seconds_per_edit": s / n for phase, s in r["phase_seconds"].items()})
-    out.update({k: r[k] for k in SCORES.values()})
-    out.update({f"pre_{k}": r["pre"][k] for k in SCORES.values()})
+    out["scores"] = {k: r[k] for k in SCORES.values()}
+    out["pre_scores"] = {k: r["pre"][k] for k in SCORES.values()}
     return out
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak resident memory of this process so far (CUDA: peak allocated on the device)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def batch_size_sweep(train_args: list[str], sizes: list[int], root: str, as_json: bool) -> None:
+    """Seconds per edit (and by phase) of the batched path at each batch size."""
+    rows = {}
+    for b in sizes:
+        m, _, _ = run(train_args + ["--data.batch_size", str(b)], f"{root}/batch-{b}")
+        r = summary(m)
+        rows[b] = {k: r[k] for k in ("seconds_per_edit", "z_seconds_per_edit", "keys_seconds_per_edit",
+                                     "solve_seconds_per_edit", "mean_z_steps")}
+        del m
+    print(f"\n{'batch size':>10}{'s/edit':>9}{'z':>8}{'keys':>8}{'solve':>8}{'z steps':>9}")
+    for b, r in rows.items():
+        print(f"{b:>10}{r['seconds_per_edit']:>9.3f}{r['z_seconds_per_edit']:>8.3f}{r['keys_seconds_per_edit']:>8.3f}"
+              f"{r['solve_seconds_per_edit']:>8.3f}{r['mean_z_steps']:>9.2f}")
+    if as_json:
+        print(json.dumps({"batch_sizes": rows}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="end with one JSON line of all figures")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference path")
-    parser.add_argument("--matmul-seconds", type=float, default=3.0, help="time spent measuring the matmul rate")
+    parser.add_argument("--no-bfloat16", action="store_true", help="skip the bfloat16 path")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", metavar="B",
+                        help="only the batched path, at each of these batch sizes")
+    parser.add_argument("--matmul-seconds", type=float, default=3.0, help="time spent measuring each matmul rate")
     own, train_args = parser.parse_known_args()
     sys.argv = sys.argv[:1]  # the train.py options go to LightningCLI as `args`
     quiet_lightning_warnings()
     root = tempfile.mkdtemp(prefix="encore-benchmark-")
+    if own.batch_sizes:
+        batch_size_sweep(train_args, own.batch_sizes, root, own.json)
+        return
 
-    fast, data, _ = run(train_args, f"{root}/fast")
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-    if fast.device.type == "cuda":
-        peak_gb = torch.cuda.max_memory_allocated() / 2**30
-    result = summary(fast)
-    rate = measure_matmul_rate(fast.model.dtype, fast.device, seconds=own.matmul_seconds)
-    flops = z_optimisation_flops(fast, data.batch_size)
-    z_seconds = result["z_seconds_per_edit"] * result["num_edits"]
-    result.update(
-        peak_memory_gb=peak_gb,
-        matmul_rate_gflops=rate / 1e9,
-        z_flops=flops,
-        z_gflops_per_second=flops / z_seconds / 1e9,
-        matmul_fraction=flops / z_seconds / rate,
-    )
+    paths = {"float32": ["--model.target.compute_dtype", "float32"]}
+    if not own.no_bfloat16:
+        paths["bfloat16"] = ["--model.target.compute_dtype", "bfloat16"]
     if not own.no_reference:
-        del fast
-        reference, _, _ = run(train_args + ["--model.target.batched", "false", "--model.solver.solve", "cholesky"],
-                              f"{root}/reference")
-        ref = summary(reference)
-        result.update({f"reference_{k}": v for k, v in ref.items()})
-        result["reference_z_flops"] = reference_z_flops(reference, data.batch_size)
-        result["speedup"] = ref["seconds_per_edit"] / result["seconds_per_edit"]
-        result["z_speedup"] = ref["z_seconds_per_edit"] / result["z_seconds_per_edit"]
+        paths["reference"] = ["--model.target.batched", "false", "--model.solver.solve", "cholesky"]
+    result, device, batch_size = {}, None, None
+    for name, extra in paths.items():
+        m, data, _ = run(train_args + extra, f"{root}/{name}")
+        device, batch_size = m.device, data.batch_size
+        r = summary(m)
+        flops = (reference_z_flops if name == "reference" else z_optimisation_flops)(m, batch_size)
+        r["z_flops"] = flops
+        r["z_gflops_per_second"] = flops / (r["z_seconds_per_edit"] * r["num_edits"]) / 1e9
+        result[name] = r
+        del m
+    rates = {d: measure_matmul_rate(getattr(torch, d), device, seconds=own.matmul_seconds) for d in ("float32", "bfloat16")}
+    for name, r in result.items():  # the z optimisation's rate against the matmul rate of the dtype its steps ran in
+        r["matmul_fraction"] = r["z_gflops_per_second"] * 1e9 / rates["bfloat16" if name == "bfloat16" else "float32"]
 
-    print()
-    print(f"{result['num_edits']} edits, logs in {root}")
-    header = f"{'':<22}{'s/edit':>8}{'z':>8}{'keys':>8}{'solve':>8}{'eval':>8}{'z steps':>9}" + "".join(f"{k:>8}" for k in SCORES)
-    print(header)
-    for name, prefix in (("batched", ""), ("reference", "reference_")):
-        if f"{prefix}seconds_per_edit" not in result:
-            continue
-        g = lambda k: result[prefix + k]  # noqa: E731
-        print(f"{name:<22}{g('seconds_per_edit'):>8.3f}{g('z_seconds_per_edit'):>8.3f}{g('keys_seconds_per_edit'):>8.3f}"
-              f"{g('solve_seconds_per_edit'):>8.3f}{g('evaluation_seconds_per_edit'):>8.3f}{g('mean_z_steps'):>9.2f}"
-              + "".join(f"{g(k):>8.1f}" for k in SCORES.values()))
-    print(f"{'unedited':<22}{'':>49}" + "".join(f"{result['pre_' + k]:>8.1f}" for k in SCORES.values()))
-    if "speedup" in result:
-        print(f"speedup per edit {result['speedup']:.2f}x (z optimisation alone {result['z_speedup']:.2f}x; "
-              f"the reference spends {result['reference_z_flops'] / flops:.1f}x the FLOPs on it)")
-    print(f"z optimisation: {flops / 1e12:.2f} TFLOP needed, {result['z_gflops_per_second']:.1f} GFLOP/s = "
-          f"{100 * result['matmul_fraction']:.1f} % of this machine's dense matmul rate ({rate / 1e9:.0f} GFLOP/s)")
-    print(f"peak memory {peak_gb:.2f} GB")
+    n = result["float32"]["num_edits"]
+    print(f"\n{n} edits, batches of {batch_size}, logs in {root}")
+    print(f"{'':<12}{'s/edit':>8}{'z':>8}{'keys':>8}{'solve':>8}{'eval':>8}{'z steps':>9}"
+          + "".join(f"{k:>7}" for k in SCORES) + f"{'GFLOP/s':>9}{'of matmul':>10}")
+    for name, r in result.items():
+        print(f"{name:<12}{r['seconds_per_edit']:>8.3f}{r['z_seconds_per_edit']:>8.3f}{r['keys_seconds_per_edit']:>8.3f}"
+              f"{r['solve_seconds_per_edit']:>8.3f}{r['evaluation_seconds_per_edit']:>8.3f}{r['mean_z_steps']:>9.2f}"
+              + "".join(f"{r['scores'][k]:>7.1f}" for k in SCORES.values())
+              + f"{r['z_gflops_per_second']:>9.1f}{100 * r['matmul_fraction']:>9.1f}%")
+    print(f"{'unedited':<12}{'':>49}" + "".join(f"{result['float32']['pre_scores'][k]:>7.1f}" for k in SCORES.values()))
+    print(f"dense matmul rate: float32 {rates['float32'] / 1e9:.0f} GFLOP/s, bfloat16 {rates['bfloat16'] / 1e9:.0f} GFLOP/s")
+    f32 = result["float32"]
+    summary_json = {
+        "num_edits": n, "batch_size": batch_size,
+        "float32_seconds_per_edit": f32["seconds_per_edit"],
+        "float32_scores": f32["scores"],
+        "float32_matmul_fraction": f32["matmul_fraction"],
+        "pre_scores": f32["pre_scores"],
+        "matmul_gflops": {d: r / 1e9 for d, r in rates.items()},
+    }
+    for name in ("bfloat16", "reference"):
+        if name in result:
+            r = result[name]
+            summary_json[f"{name}_seconds_per_edit"] = r["seconds_per_edit"]
+            summary_json[f"{name}_scores"] = r["scores"]
+            summary_json[f"{name}_matmul_fraction"] = r["matmul_fraction"]
+            print(f"float32 is {r['seconds_per_edit'] / f32['seconds_per_edit']:.2f}x faster per edit than {name}"
+                  if r["seconds_per_edit"] > f32["seconds_per_edit"] else
+                  f"{name} is {f32['seconds_per_edit'] / r['seconds_per_edit']:.2f}x faster per edit than float32")
+    if "bfloat16" in result:
+        a, b = f32["z_steps"], result["bfloat16"]["z_steps"]
+        same = sum(x == y for x, y in zip(a, b))
+        summary_json["bfloat16_same_stop_steps"] = same / len(a)
+        summary_json["bfloat16_mean_abs_stop_step_change"] = sum(abs(x - y) for x, y in zip(a, b)) / len(a)
+        print(f"MPES under bfloat16: {same} of {len(a)} requests stop at the same step as under float32 "
+              f"(mean |change| {summary_json['bfloat16_mean_abs_stop_step_change']:.2f} steps)")
+        if "reference" in result:
+            print(f"bfloat16 is {result['reference']['seconds_per_edit'] / result['bfloat16']['seconds_per_edit']:.2f}x "
+                  "faster per edit than the reference")
+    summary_json["peak_memory_gb"] = peak_memory_gb(device)
+    print(f"peak memory {summary_json['peak_memory_gb']:.2f} GB")
     if own.json:
-        print(json.dumps(result))
+        print(json.dumps({**summary_json, "paths": result}))
 
 
 if __name__ == "__main__":

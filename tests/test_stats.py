@@ -302,3 +302,27 @@ def test_a_resumed_run_without_the_c0_cache_computes_c0_from_the_base_weights(ti
     monkeypatch.setenv("ENCORE_PL_CACHE", str(tmp_path / "cache-edited"))
     edited_c0 = compute_key_statistics(module.lm, module.tokenizer, module.layers, key_stats)
     assert not torch.allclose(edited_c0[2], base[2])
+
+
+@pytest.mark.parametrize("peaked", [True, False])
+def test_nucleus_sample_draws_from_the_nucleus_with_its_probabilities(peaked):
+    """Rows whose nucleus fits the shortlist (peaked) and rows that need the bisection (flat):
+    every draw is in the nucleus (from a full sort) and the frequencies are its renormalised
+    probabilities."""
+    from encore_pl.stats import nucleus_sample
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 40, generator=g) * (4.0 if peaked else 0.5)
+    probs = logits.softmax(-1)[0]
+    order = probs.argsort(descending=True)
+    cum = probs[order].cumsum(0)
+    nucleus = order[: int((cum < 0.9).sum()) + 1]  # up to and with the token that reaches 0.9
+    assert (len(nucleus) <= 8) == peaked  # the shortlist of 8 holds the nucleus only when peaked
+    draws = nucleus_sample(logits.expand(20000, -1), 0.9, torch.Generator().manual_seed(1), shortlist=8)
+    counts = torch.bincount(draws, minlength=40).float() / len(draws)
+    assert set(draws.unique().tolist()) == set(nucleus.tolist())
+    want = torch.zeros(40)
+    want[nucleus] = probs[nucleus] / probs[nucleus].sum()
+    assert (counts - want).abs().max() < 0.015
+    again = nucleus_sample(logits.expand(20000, -1), 0.9, torch.Generator().manual_seed(1), shortlist=8)
+    assert torch.equal(draws, again)  # the seed fixes the draws
