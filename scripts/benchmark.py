@@ -16,8 +16,9 @@ rate; then how many MPES stop steps bfloat16 changed, and the peak memory.
         --batch-sizes 25 50 100        # seconds per edit of the batched path at each batch size
 
 Every option but the benchmark's own (--json, --no-reference, --no-bfloat16, --batch-sizes,
---matmul-seconds) is an option of scripts/train.py. With --json the last line printed is one
-JSON object.
+--matmul-seconds, --profile) is an option of scripts/train.py. With --json the last line printed
+is one JSON object; --profile float32 prints torch.profiler's operator table of that path (the
+profiler slows it: take the timings from a run without it).
 """
 
 import argparse
@@ -173,6 +174,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", metavar="B",
                         help="only the batched path, at each of these batch sizes")
     parser.add_argument("--matmul-seconds", type=float, default=3.0, help="time spent measuring each matmul rate")
+    parser.add_argument("--profile", metavar="PATH", choices=["float32", "bfloat16"],
+                        help="run this path under torch.profiler and print the operators that took the most time")
     own, train_args = parser.parse_known_args()
     sys.argv = sys.argv[:1]  # the train.py options go to LightningCLI as `args`
     quiet_lightning_warnings()
@@ -188,7 +191,13 @@ def main() -> None:
         paths["reference"] = ["--model.target.batched", "false", "--model.solver.solve", "cholesky"]
     result, device, batch_size = {}, None, None
     for name, extra in paths.items():
-        m, data, _ = run(train_args + extra, f"{root}/{name}")
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if own.profile == name else None
+        if profiler is not None:
+            with profiler:
+                m, data, _ = run(train_args + extra, f"{root}/{name}")
+            print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        else:
+            m, data, _ = run(train_args + extra, f"{root}/{name}")
         device, batch_size = m.device, data.batch_size
         r = summary(m)
         flops = (reference_z_flops if name == "reference" else z_optimisation_flops)(m, batch_size)
