@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .data import EditRequest
 from .keys import pad_left, pad_right
 from .layouts import LocatedModel
+from .models import eos_ids
 from .prompts import encode_target
 
 GENERATION_SLACK = 3  # greedy tokens beyond the target's length
@@ -128,14 +129,6 @@ def score_requests(
     return out
 
 
-def eos_ids(model, tok) -> set[int]:
-    """The tokens that end a generation: the model's generation config's, else the tokenizer's."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tok.eos_token_id
-    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-
-
 @torch.no_grad()
 def greedy_continuations(
     model, tok, prompts: list[str], max_new_tokens: int | list[int], batch_size: int = 64, desc: str | None = None
@@ -144,7 +137,8 @@ def greedy_continuations(
     new token ids, cut after an EOS. The prompt is tokenised as `tok(prompt)` (special tokens
     added). Prompts of similar length run together, left-padded with an attention mask; a row
     that ends early is cut after its EOS, so each continuation is what the prompt alone gives.
-    Greedy and nothing else: the model's own generation defaults (sampling, penalties) are not used."""
+    Greedy and nothing else: the model's own generation defaults (sampling, penalties, suppressed
+    tokens) are not used."""
     from transformers import GenerationConfig
 
     if not prompts:
@@ -158,8 +152,10 @@ def greedy_continuations(
     encoded = [tok(p).input_ids for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), steps[i]))
     out: list[list[int]] = [[] for _ in prompts]
-    was_training = model.training
+    was_training, model_defaults = model.training, model.generation_config
     model.eval()
+    # generate() fills every setting a config leaves unset from model.generation_config: neutral ones here
+    model.generation_config = GenerationConfig(pad_token_id=pad, eos_token_id=sorted(eos) or None)
     try:
         for b in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
             idx = order[b : b + batch_size]
@@ -173,12 +169,15 @@ def greedy_continuations(
                 out[i] = tokens[:end]
     finally:
         model.train(was_training)
+        model.generation_config = model_defaults
     return out
 
 
 def starts_with(text: str, target: str) -> bool:
-    """Whether generated `text` starts with `target`, case and leading space ignored."""
-    return text.lstrip().lower().startswith(target.strip().lower())
+    """Whether generated `text` starts with `target` as a whole word or more, case and leading
+    space ignored: "Rome, Italy" says " Rome", "Romania" does not."""
+    text, target = text.lstrip().lower(), target.strip().lower()
+    return text.startswith(target) and (len(text) == len(target) or not text[len(target)].isalnum())
 
 
 def greedy_says(lm: LocatedModel, tok, pairs: list[tuple[str, str]], batch_size: int = 64, desc: str | None = None) -> torch.Tensor:

@@ -515,10 +515,27 @@ def _c0_pass(s: RunSettings) -> tuple[list[Item], list[Item]]:
 
 
 def _sampling(s: RunSettings) -> list[Item]:
-    """Transient of sampling C0's corpus from the model (no files, no dataset)."""
-    d, ks, b = s.dims, s.key_stats, dtype_bytes(s.dtype)
+    """Transient of sampling C0's corpus from the model (no files, no dataset), `batch_size`
+    sequences at a time, in a copy of the model in key_stats.compute_dtype if that differs."""
+    d, ks = s.dims, s.key_stats
+    dtype = ks.compute_dtype or s.dtype
+    b = dtype_bytes(dtype)
     kv = ks.batch_size * ks.seq_len * d.layers * 2 * d.kv_heads * d.head_dim * b
-    return [("key/value cache of the sampled sequences", kv), ("logits of the last position", ks.batch_size * d.vocab * 4 * 3)]
+    items = [("key/value cache of the sampled sequences", kv), ("logits of the last position", ks.batch_size * d.vocab * 4 * 4)]
+    if dtype != s.dtype:
+        items.append((f"copy of the model in {dtype} to sample with", d.params * b))
+    return items
+
+
+def steps_copy_bytes(s: RunSettings) -> float:
+    """target.compute_dtype's copy of the blocks after z, the head and the embeddings (0 if none)."""
+    dtype = s.target.compute_dtype
+    if not s.target.batched or not dtype or dtype == s.dtype:
+        return 0.0
+    d = s.dims
+    embedding = d.vocab * d.hidden * (1 if d.tied else 2)
+    blocks = max(d.params - embedding, 0) * (d.layers - s.z_layer - 1) / d.layers
+    return (blocks + embedding) * dtype_bytes(dtype)
 
 
 def _z_items(s: RunSettings, c: int) -> tuple[list[Item], list[Item]]:
@@ -604,6 +621,8 @@ def estimate(s: RunSettings) -> Estimate:
     on_cpu = s.accelerator == "cpu"
     weights = [(f"weights ({s.dtype}, {d.params / 1e9:.3g} B parameters)", d.params * b),
                (f"edited matrices: base copies + float32 increments", nl * mat * (b + 4))]
+    if steps_copy_bytes(s):
+        weights.append((f"z steps' copy in {s.target.compute_dtype}: blocks after z, head, embeddings", steps_copy_bytes(s)))
     c0_bytes = nl * d.d_ff**2 * dtype_bytes(s.key_stats.dtype)
     c0 = [(f"C0 ({s.key_stats.dtype}, {nl} layers)", c0_bytes)]
     overhead = [("Python, torch, transformers, lightning (measured)", PROCESS_OVERHEAD)]

@@ -51,10 +51,12 @@ class OverallScore(Metric):
         self.counts += scored.sum(1).double().to(self.counts.device)
 
     def compute(self) -> torch.Tensor:
-        means = 100.0 * self.totals / self.counts.clamp(min=1)
-        if (means <= 0).any():
+        """The harmonic mean of the scores that have any request to score (0 if one of them is 0)."""
+        scored = self.counts > 0
+        means = 100.0 * self.totals[scored] / self.counts[scored]
+        if not len(means) or (means <= 0).any():
             return torch.zeros((), dtype=torch.float64, device=means.device)
-        return 3.0 / (1.0 / means).sum()
+        return len(means) / (1.0 / means).sum()
 
 
 class GenerationEntropy(EditScore):
@@ -84,16 +86,18 @@ class CounterFactScores(torch.nn.Module):
         self.overall.update(*(per_request[name] for name in SCORE_NAMES))
 
     def compute(self) -> dict[str, float]:
-        """Scores in percent; generation scores only if some request was scored by generation
-        (the count is summed over processes first, so every process gives the same keys)."""
-        out = {f"{name}_score": self.scores[name].compute().item() for name in SCORE_NAMES}
-        out["overall_score"] = self.overall.compute().item()
-        out.update({f"{name}_magnitude": self.magnitudes[name].compute().item() for name in SCORE_NAMES})
-        for name, m in self.generation.items():
-            with m.sync_context():  # the count of all processes: they all take the same branch
-                scored = m.count.item() > 0
-            if scored:
-                out[f"generation_{name}"] = m.compute().item()
+        """Scores in percent. A score no request has prompts for (e.g. no paraphrases, or no
+        generation scores) is left out, not reported as 0; the count is summed over processes
+        first, so every process gives the same keys and runs the same collectives."""
+        out = {}
+        for group, key in ((self.scores, "{}_score"), (self.magnitudes, "{}_magnitude"), (self.generation, "generation_{}")):
+            for name, m in group.items():
+                with m.sync_context():
+                    scored = m.count.item() > 0
+                if scored:
+                    out[key.format(name)] = m.compute().item()
+        if "efficacy_score" in out:
+            out["overall_score"] = self.overall.compute().item()
         return out
 
     def reset(self) -> None:

@@ -114,3 +114,24 @@ def load_model_and_tokenizer(
 def _looks_like_hub_id(path: str) -> bool:
     parts = path.split("/")
     return len(parts) <= 2 and all(parts) and not path.startswith((".", "~"))
+
+
+def reduced_copy(model: torch.nn.Module, dtype: torch.dtype, memo: dict | None = None) -> torch.nn.Module:
+    """A frozen deep copy of `model` whose parameters are in `dtype`. Buffers keep their dtype, as
+    `from_pretrained(dtype=...)` leaves them: RoPE's `inv_freq` in bfloat16 would shift every
+    position's angle (0.7 rad at position 511 for SmolLM2). `memo` as for `copy.deepcopy` (e.g.
+    modules not to copy)."""
+    import copy
+
+    clone = copy.deepcopy(model, memo if memo is not None else {})
+    for p in clone.parameters():  # tied weights are one parameter: they stay tied
+        p.data = p.data.to(dtype)
+    return clone.requires_grad_(False)
+
+
+def eos_ids(model, tok) -> set[int]:
+    """The tokens that end a generation: the model's generation config's, else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tok.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])

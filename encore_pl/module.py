@@ -334,7 +334,8 @@ class KnowledgeEditor(L.LightningModule):
             results["pre"]["generation_entropy"] = self.pre_entropy.compute().item()
         if self.edited and all(r.kind == "zsre" for r in self.edited):
             for name in ("efficacy", "paraphrase", "neighborhood"):  # zsRE scores are token accuracies
-                results[f"{'rewrite' if name == 'efficacy' else name}_accuracy"] = results[f"{name}_score"]
+                if f"{name}_score" in results:
+                    results[f"{'rewrite' if name == 'efficacy' else name}_accuracy"] = results[f"{name}_score"]
         if self.downstream_history:
             first, last = self.downstream_history[0], self.downstream_history[-1]
             tasks = [k for k in first if k not in ("num_edits", "perplexity", "protocol")]
@@ -366,7 +367,7 @@ class KnowledgeEditor(L.LightningModule):
             return
         if self.logger is not None:  # the final scores in TensorBoard too, at 0 and at all edits
             self.logger.log_metrics({f"scores/{k}": v for k, v in results["pre"].items()}, step=0)
-            self.logger.log_metrics({f"scores/{k}": results[k] for k in results["pre"]}, step=results["num_edits"])
+            self.logger.log_metrics({f"scores/{k}": results[k] for k in results["pre"] if k in results}, step=results["num_edits"])
         with replaced(log_dir / "results.json") as tmp:
             tmp.write_text(json.dumps(results, indent=2))
         self.write_patch(log_dir)

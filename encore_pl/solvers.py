@@ -143,7 +143,8 @@ class WoodburySolver:
         self.absorbed = 0  # batches absorbed since the cache was built
         self.prev_trace = 0.0  # trace(prev) that the cache stands for
         self.last: Optional[tuple] = None  # (keys, X, cholesky(I + G)) of the last solve, for absorb
-        self.fallbacks = 0  # batches solved by the plain path because the cached system was not SPD
+        self.fallbacks = 0  # times the cached system was not SPD (its batch and the next ones took the plain path)
+        self.plain_left = 0  # batches still to solve by the plain path after a failed build
 
     def plain(self, resid: torch.Tensor, keys: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
         """The plain closed form (one d_ff x d_ff factorisation)."""
@@ -188,6 +189,9 @@ class WoodburySolver:
         prev = None if prev is None else prev.to(device)  # no copy: the sums live on this device
         if cfg.solve == "cholesky" or cfg.refactor_every <= 0 or keys.shape[1] > WOODBURY_MAX_N_RATIO * keys.shape[0]:
             return self.plain(resid, keys, prev)
+        if self.plain_left > 0 or not (torch.isfinite(resid).all() and torch.isfinite(keys).all()):
+            self.plain_left = max(self.plain_left - 1, 0)  # after a failed build, or on bad input: the plain path
+            return self.plain(resid, keys, prev)
         trace = 0.0 if prev is None else prev.diagonal().sum().item()
         stale = abs(trace - self.prev_trace) > 1e-9 * max(abs(trace), 1.0)
         try:
@@ -200,8 +204,8 @@ class WoodburySolver:
         except torch.linalg.LinAlgError:
             # M or I + G not numerically positive definite (e.g. MEMIT, lambda_n = 0, on a float32
             # C0 with eigenvalues near 0): the plain closed form, with its own general-solve
-            # fallback, for this batch; the cache is rebuilt at the next one.
-            self.minv, self.fallbacks = None, self.fallbacks + 1
+            # fallback, for this batch and the next refactor_every - 1; then the cache is tried again.
+            self.minv, self.fallbacks, self.plain_left = None, self.fallbacks + 1, cfg.refactor_every - 1
             return self.plain(resid, keys, prev)
         self.last = (given, x, chol)
         return d

@@ -10,7 +10,6 @@ on disk, one safetensors file per layer, keyed by the model's weights, the layer
 token count, `seq_len`, the mode and dtype.
 """
 
-import copy
 import hashlib
 import json
 import math
@@ -29,7 +28,7 @@ from .files import replaced
 from .keys import capture, run_to_stop
 from .distributed import Ranks
 from .layouts import LocatedModel
-from .models import cache_dir
+from .models import cache_dir, eos_ids, reduced_copy
 
 SAMPLED_TOKENS = 32768  # model-sampled corpus size when num_tokens is None
 
@@ -209,8 +208,8 @@ def corpus_sequences(tok, model, cfg: KeyStatistics) -> tuple[list[list[int]], i
         stream, documents = packed_stream(tok, corpus_texts(cfg), cfg)
     else:
         dtype = getattr(torch, cfg.compute_dtype) if cfg.compute_dtype else model.dtype
-        sampler = model if dtype == model.dtype else copy.deepcopy(model).to(dtype)  # real weights, not autocast
-        stream = sample_from_model(sampler, tok, cfg.num_tokens or SAMPLED_TOKENS, cfg.seq_len, cfg.seed)
+        sampler = model if dtype == model.dtype else reduced_copy(model, dtype)  # real weights, not autocast
+        stream = sample_from_model(sampler, tok, cfg.num_tokens or SAMPLED_TOKENS, cfg.seq_len, cfg.seed, cfg.batch_size)
         del sampler
         documents = math.ceil(len(stream) / cfg.seq_len)
     return [stream[i : i + cfg.seq_len] for i in range(0, len(stream), cfg.seq_len)], documents
@@ -229,7 +228,7 @@ def check_enough(tokens: int, d_ff: int, cfg: KeyStatistics, what: str, source: 
 
 
 SAMPLE_TOP_P = 0.95  # nucleus of the model-sampled corpus
-SAMPLE_CHUNK = 256  # sequences sampled together (fixed: the corpus must not depend on a batch setting)
+SAMPLE_CHUNK = 256  # sequences whose uniform numbers are drawn together (fixed: the corpus must not depend on batch_size)
 
 
 def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -238,15 +237,15 @@ def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cum, u * cum[:, -1:], right=True).clamp(max=weights.shape[-1] - 1)
 
 
-def nucleus_sample(logits: torch.Tensor, top_p: float, generator: torch.Generator, shortlist: int = 1024,
+def nucleus_sample(logits: torch.Tensor, top_p: float, u: torch.Tensor, shortlist: int = 1024,
                    iterations: int = 24) -> torch.Tensor:
     """One token per row [n] from the nucleus: the most probable tokens whose probability reaches
-    `top_p` (temperature 1), drawn by inverse CDF with one uniform number per row. Exact, without
-    sorting the vocabulary: the nucleus is looked for among the `shortlist` most probable tokens
-    (a partial sort); a row whose nucleus is larger (a flat distribution) takes {p >= t} for the
-    largest t that still holds `top_p`, found by bisection (tokens tied at t are all kept)."""
+    `top_p` (temperature 1), drawn by inverse CDF with the row's uniform number `u` [n, 1], without
+    sorting the vocabulary. The nucleus is looked for among the `shortlist` most probable tokens (a
+    partial sort); a row whose nucleus is larger (a flat distribution) takes {p >= t} for the
+    largest t that still holds `top_p`, found by bisection to 2^-iterations of the shortlist's
+    last probability (so it may also keep tokens that much less probable than the last one)."""
     probs = logits.float().softmax(-1)
-    u = torch.rand(len(probs), 1, generator=generator, device=probs.device)
     top, index = probs.topk(min(shortlist, probs.shape[-1]), dim=-1)  # descending
     nucleus = torch.where(top.cumsum(-1) - top < top_p, top, torch.zeros_like(top))  # up to and with the token reaching top_p
     chosen = index.gather(1, _draw(nucleus, u)).squeeze(1)
@@ -263,31 +262,35 @@ def nucleus_sample(logits: torch.Tensor, top_p: float, generator: torch.Generato
 
 
 @torch.no_grad()
-def sample_from_model(model, tok, num_tokens: int, seq_len: int, seed: int) -> list[int]:
+def sample_from_model(model, tok, num_tokens: int, seq_len: int, seed: int, batch_size: int = 64) -> list[int]:
     """Offline corpus: `num_tokens` tokens sampled from the model with a fixed seed, as sequences
-    of `seq_len` tokens that start with BOS (or EOS) and never end early (EOS is not sampled).
-    Up to SAMPLE_CHUNK sequences are generated together, token by token with a key/value cache;
-    nucleus sampling (top-p 0.95) looks for the nucleus among a shortlist (`nucleus_sample`)."""
+    of `seq_len` tokens that start with BOS (or EOS) and never end early (no end token is
+    sampled). `batch_size` sequences are generated together, token by token with a key/value
+    cache. The uniform numbers of the nucleus draws are drawn per SAMPLE_CHUNK sequences up front,
+    so the corpus does not depend on `batch_size` (up to the rounding of batched matmuls)."""
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     device = model.device
+    ends = sorted(eos_ids(model, tok))
     n_seqs = -(-num_tokens // seq_len)
     stream: list[int] = []
     bar = tqdm(total=n_seqs * seq_len, desc="sampling C0 corpus from the model", unit="tok")
     for chunk, first in enumerate(range(0, n_seqs, SAMPLE_CHUNK)):
         n = min(SAMPLE_CHUNK, n_seqs - first)
         generator = torch.Generator(device=device).manual_seed(seed * 1000003 + chunk)
-        seqs = torch.full((n, seq_len), start, dtype=torch.long, device=device)
-        past = None
-        for t in range(1, seq_len):
-            out = model(input_ids=seqs[:, t - 1 : t], past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            logits = out.logits[:, -1].float()
-            if tok.eos_token_id is not None:
-                logits[:, tok.eos_token_id] = float("-inf")  # sequences of full length
-            seqs[:, t] = nucleus_sample(logits, SAMPLE_TOP_P, generator)
-            bar.update(n)
-        stream += seqs.flatten().tolist()
-        bar.update(n)
+        uniforms = torch.rand(n, seq_len, generator=generator, device=device)
+        for b in range(0, n, batch_size):
+            u = uniforms[b : b + batch_size]
+            seqs = torch.full((len(u), seq_len), start, dtype=torch.long, device=device)
+            past = None
+            for t in range(1, seq_len):
+                out = model(input_ids=seqs[:, t - 1 : t], past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                logits = out.logits[:, -1].float()
+                logits[:, ends] = float("-inf")  # sequences of full length
+                seqs[:, t] = nucleus_sample(logits, SAMPLE_TOP_P, u[:, t : t + 1])
+                bar.update(len(u))
+            stream += seqs.flatten().tolist()
+            bar.update(len(u))
     bar.close()
     return stream[:num_tokens]
 

@@ -11,7 +11,6 @@ same step, so optimising the rows of one [n, d] tensor with one Adam is the same
 optimisations; a request that has stopped leaves the forward pass and its z is frozen.
 """
 
-import copy
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
@@ -21,6 +20,7 @@ from transformers import DynamicCache
 from .data import EditRequest
 from .keys import Replay, StopForward, block_output, pad_right, replayed
 from .layouts import LocatedModel
+from .models import reduced_copy
 from .prompts import common_prefix, encode
 
 
@@ -279,9 +279,7 @@ def step_model(lm: LocatedModel, z_layer: int, dtype: torch.dtype) -> LocatedMod
     stand-ins. The blocks after z_layer are never edited (z_layer >= the last edited layer), so
     one copy serves the whole run."""
     memo = {id(lm.blocks[i]): Replay(0) for i in range(z_layer + 1)}  # deepcopy takes these as the copies
-    model = copy.deepcopy(lm.model, memo)
-    model.requires_grad_(False)
-    return LocatedModel(model.to(dtype))
+    return LocatedModel(reduced_copy(lm.model, dtype, memo))
 
 
 @dataclass

@@ -40,8 +40,8 @@ def table_row(label: str, run: dict) -> list[str]:
         label,
         str(run["num_edits"]),
         fmt(run["efficacy_score"]),
-        fmt(run["paraphrase_score"]),
-        fmt(run["neighborhood_score"]),
+        fmt(run.get("paraphrase_score")),  # absent when no request had paraphrase prompts
+        fmt(run.get("neighborhood_score")),
         fmt(run["overall_score"]),
         fmt(run.get("generation_efficacy")),
         fmt(run.get("generation_paraphrase")),

@@ -34,7 +34,15 @@ def test_counterfact_scores_together():
                                  "overall_score": 3 / (1 / 50 + 1 / 100 + 1 / 50), "efficacy_magnitude": 10.0,
                                  "paraphrase_magnitude": 10.0, "neighborhood_magnitude": 10.0})
     s.reset()
-    assert s.compute()["efficacy_score"] == 0.0
+    assert s.compute() == {}  # nothing scored: no score, rather than 0
+    # a score no request has prompts for is left out, and Overall is the harmonic mean of the others
+    nan = float("nan")
+    s.update({"efficacy": torch.tensor([1.0, 0.0]), "paraphrase": torch.tensor([nan, nan]), "neighborhood": torch.tensor([0.5, 1.0]),
+              "efficacy_magnitude": torch.tensor([0.3, -0.1]), "paraphrase_magnitude": torch.tensor([nan, nan]),
+              "neighborhood_magnitude": torch.tensor([0.05, 0.15])})
+    out = s.compute()
+    assert "paraphrase_score" not in out and "paraphrase_magnitude" not in out
+    assert out["overall_score"] == pytest.approx(2 / (1 / 50 + 1 / 75))
 
 
 def test_generation_entropy_by_hand():

@@ -169,3 +169,15 @@ def test_plan_script_prints_the_table_and_settings_that_fit():
     small = subprocess.run([sys.executable, str(REPO / "scripts" / "plan.py"), "--config", LLAMA3, "--gpu-memory", "8"],
                            capture_output=True, text=True, cwd=REPO, timeout=300)
     assert small.returncode == 0 and "DOES NOT FIT" in small.stdout and "weights alone" in small.stdout
+
+
+def test_bfloat16_steps_add_their_copy_by_hand():
+    """target.compute_dtype bfloat16 on a float32 model: blocks after z (z = 1: blocks 2, 3 of 4),
+    the tied embedding: (2 x 592 + 256) x 2 bytes, resident from the start."""
+    s = tiny()
+    s = RunSettings(**{**vars(s), "z_layer": 1, "target": TargetOptimization(compute_dtype="bfloat16")})
+    items = resident(estimate(s).device[0], "z optimisation")
+    # (the estimate spreads the final norm's 8 parameters over the blocks)
+    assert find(items, "z steps' copy in bfloat16") == pytest.approx((2 * 592 + 256) * 2, rel=0.01)
+    same = RunSettings(**{**vars(s), "target": TargetOptimization(compute_dtype="float32")})
+    assert not any(n.startswith("z steps' copy") for n in resident(estimate(same).device[0], "z optimisation"))

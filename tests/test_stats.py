@@ -318,11 +318,22 @@ def test_nucleus_sample_draws_from_the_nucleus_with_its_probabilities(peaked):
     cum = probs[order].cumsum(0)
     nucleus = order[: int((cum < 0.9).sum()) + 1]  # up to and with the token that reaches 0.9
     assert (len(nucleus) <= 8) == peaked  # the shortlist of 8 holds the nucleus only when peaked
-    draws = nucleus_sample(logits.expand(20000, -1), 0.9, torch.Generator().manual_seed(1), shortlist=8)
+    u = torch.rand(20000, 1, generator=torch.Generator().manual_seed(1))
+    draws = nucleus_sample(logits.expand(20000, -1), 0.9, u, shortlist=8)
     counts = torch.bincount(draws, minlength=40).float() / len(draws)
     assert set(draws.unique().tolist()) == set(nucleus.tolist())
     want = torch.zeros(40)
     want[nucleus] = probs[nucleus] / probs[nucleus].sum()
     assert (counts - want).abs().max() < 0.015
-    again = nucleus_sample(logits.expand(20000, -1), 0.9, torch.Generator().manual_seed(1), shortlist=8)
-    assert torch.equal(draws, again)  # the seed fixes the draws
+    assert torch.equal(draws, nucleus_sample(logits.expand(20000, -1), 0.9, u, shortlist=8))  # u fixes the draws
+
+
+def test_the_sampled_corpus_does_not_depend_on_the_batch_size(tiny_llama_dir):
+    from encore_pl.stats import sample_from_model
+
+    model, tok = load_model_and_tokenizer(str(tiny_llama_dir))
+    one = sample_from_model(model, tok, 6 * 12, 12, seed=3, batch_size=6)
+    assert len(one) == 72 and len(set(one)) > 10
+    assert sample_from_model(model, tok, 6 * 12, 12, seed=3, batch_size=4) == one
+    assert sample_from_model(model, tok, 6 * 12, 12, seed=4, batch_size=6) != one
+    assert tok.eos_token_id not in one[1:12]  # sequences of full length (the first token is the start token)
