@@ -561,14 +561,16 @@ def _z_items(s: RunSettings, c: int) -> tuple[list[Item], list[Item]]:
         ("forward of the prefixes, one block", rows * PREFIX_WIDTH * forward_bytes_per_token(d, b)),
     ]
     context = PREFIX_WIDTH + tokens / rows
+    bs = dtype_bytes(s.target.compute_dtype or s.dtype)  # the steps run in target.compute_dtype
+    kept = kept * bs / b
     steps = [
         (f"prefix key/value cache of the {after} blocks after z, and the copy of the active rows", 2 * kept),
         (f"activations saved for backward ({tokens:.0f} suffix tokens x {after} blocks)",
-         tokens * after * saved_bytes_per_token(d, b)),
-        ("key/value saved for backward by attention (heads repeated)", rows * after * 2 * d.attn_width * context * b),
-        ("output of block z and final hidden states", 2 * rows * SUFFIX_WIDTH * d.hidden * b),
+         tokens * after * saved_bytes_per_token(d, bs)),
+        ("key/value saved for backward by attention (heads repeated)", rows * after * 2 * d.attn_width * context * bs),
+        ("output of block z and final hidden states", 2 * rows * SUFFIX_WIDTH * d.hidden * bs),
         (f"logits at {reads:.0f} read positions (and their gradients)",
-         reads * d.vocab * (b + 12 + (b if b != 4 else 0))),
+         reads * d.vocab * (bs + 12 + (bs if bs != 4 else 0))),
         ("essence distributions: KL reference and terms", c * d.vocab * (4 + 32)),
     ]
     return prefix_pass, steps
