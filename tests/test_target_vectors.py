@@ -146,6 +146,7 @@ def test_step_model_copies_only_the_later_blocks_in_bfloat16(tiny_llama_dir):
     ours = {t.data_ptr() for t in model.parameters()}
     assert all(t.dtype == torch.bfloat16 and t.data_ptr() not in ours and not t.requires_grad for t in steps.model.parameters())
     assert all(t.dtype == torch.float32 for t in model.parameters())  # the model itself is untouched
+    assert steps.model.config._attn_implementation == "eager" != model.config._attn_implementation  # CPU: eager steps only
     copied = sum(t.numel() for t in steps.model.parameters())
     assert copied == sum(t.numel() for t in model.parameters()) - sum(t.numel() for i in (0, 1) for t in lm.blocks[i].parameters())
 
