@@ -227,15 +227,10 @@ def generate_texts(
             continue
         with torch.random.fork_rng(devices=[lm.model.device] if device.type == "cuda" else []):
             torch.manual_seed(seed * 1000003 + b)
-            chunk = [tok(p).input_ids for p in prompts[start : start + batch_size]]
-            width = max(len(c) for c in chunk)
-            ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long, device="cpu")
-            mask = torch.zeros_like(ids)
-            for i, c in enumerate(chunk):  # left padding for generation
-                ids[i, width - len(c) :] = torch.tensor(c, device="cpu")
-                mask[i, width - len(c) :] = 1
+            ids, mask = pad_left([tok(p).input_ids for p in prompts[start : start + batch_size]], tok.pad_token_id, device)
+            width = ids.shape[1]
             out = lm.model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, top_k=top_k, top_p=1.0,
+                input_ids=ids, attention_mask=mask, do_sample=True, top_k=top_k, top_p=1.0,
                 temperature=1.0, max_new_tokens=max(1, length - width), pad_token_id=tok.pad_token_id,
             )
             texts += tok.batch_decode(out, skip_special_tokens=True)

@@ -30,13 +30,15 @@ def pad_right(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Te
 
 
 def pad_left(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `pad_right`, padded on the left (for generation: every row's next token is at the end)."""
-    width = max(len(s) for s in seqs)
+    """As `pad_right`, padded on the left (for generation: every row's next token is at the end).
+    Empty rows (and no rows) are allowed: all padding."""
+    width = max([len(s) for s in seqs] + [0])
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device="cpu")
     mask = torch.zeros((len(seqs), width), dtype=torch.long, device="cpu")
     for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long, device="cpu")
-        mask[i, width - len(s) :] = 1
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long, device="cpu")
+            mask[i, width - len(s) :] = 1
     return ids.to(device), mask.to(device)
 
 

@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from .data import EditRequest
-from .keys import Replay, StopForward, block_output, pad_right, replayed
+from .keys import Replay, StopForward, block_output, pad_left, pad_right, replayed
 from .layouts import LocatedModel
 from .models import reduced_copy
 from .prompts import common_prefix, encode
@@ -129,17 +129,6 @@ def build_rows(tok, requests: list[EditRequest], prefixes: list[str]) -> _Rows:
     return _Rows(torch.tensor(request, device="cpu"), torch.tensor(kind, device="cpu"), context, prefix, suffix, targets)
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max([len(s) for s in seqs] + [0])
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device="cpu")  # built on the host, moved once
-    mask = torch.zeros((len(seqs), width), dtype=torch.long, device="cpu")
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s) :] = torch.tensor(s, device="cpu")
-            mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 class SuffixForward:
     """The forward pass of the positions that see delta; everything else is computed once.
 
@@ -207,7 +196,7 @@ class SuffixForward:
             return None, torch.zeros((len(prefix), 0), dtype=torch.long, device=device)
         cache, shared_mask = None, torch.zeros((len(prefix), 0), dtype=torch.long, device=device)
         if any(shared):  # the shared tokens of each group, once
-            ids, mask = _left_pad(shared, pad_id, device)
+            ids, mask = pad_left(shared, pad_id, device)
             pos = (mask.cumsum(1) - 1).clamp(min=0)
             with torch.no_grad():
                 _, group_cache = lm.final_hidden(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
@@ -215,7 +204,7 @@ class SuffixForward:
             in_group = torch.tensor([g >= 0 for g in groups], device=device)
             shared_mask = mask[which] * in_group[:, None]
             cache = [(layer.keys[which], layer.values[which]) for layer in group_cache.layers]
-        ids, mask = _left_pad(own, pad_id, device)
+        ids, mask = pad_left(own, pad_id, device)
         if ids.shape[1] == 0:
             return cache, shared_mask
         full_mask = torch.cat([shared_mask, mask], dim=1)
