@@ -8,7 +8,8 @@ hardware. The same requests, in one process, through three paths:
 
 For each: seconds per edit by phase, mean z steps, ES / PS / NS, and the z optimisation's
 floating-point rate as a fraction of this machine's measured dense float32 / bfloat16 matmul
-rate; then how many MPES stop steps bfloat16 changed, and the peak memory.
+rate; then how many MPES stop steps bfloat16 changed, and each path's peak memory (resident size
+of the process while that path ran; on CUDA, peak allocated).
 
     python scripts/benchmark.py --config configs/smollm2-135m/encore.yaml \\
         --data.num_edits 100 --data.batch_size 25 [--json] [--no-reference] [--no-bfloat16]
@@ -22,6 +23,8 @@ profiler slows it: take the timings from a run without it).
 """
 
 import argparse
+import ctypes
+import gc
 import json
 import resource
 import sys
@@ -142,11 +145,31 @@ def summary(m: KnowledgeEditor) -> dict:
     return out
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: free what the previous path left (Python cycles, glibc's free lists),
+    then reset the device's peak counter (CUDA) or the kernel's peak resident size (Linux VmHWM)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := current resident size
+    except OSError:  # not Linux/glibc: peaks stay cumulative
+        pass
+
+
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak resident memory of this process so far (CUDA: peak allocated on the device)."""
+    """Peak memory since the last reset_peak_memory: resident size of this process (VmHWM; where
+    /proc is missing, the process's peak so far), or on CUDA the peak allocated on the device."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    try:
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**20  # kB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
 def batch_size_sweep(train_args: list[str], sizes: list[int], root: str, as_json: bool) -> None:
@@ -191,6 +214,7 @@ def main() -> None:
         paths["reference"] = ["--model.target.batched", "false", "--model.solver.solve", "cholesky"]
     result, device, batch_size = {}, None, None
     for name, extra in paths.items():
+        reset_peak_memory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if own.profile == name else None
         if profiler is not None:
             with profiler:
@@ -203,9 +227,9 @@ def main() -> None:
         flops = (reference_z_flops if name == "reference" else z_optimisation_flops)(m, batch_size)
         r["z_flops"] = flops
         r["z_gflops_per_second"] = flops / (r["z_seconds_per_edit"] * r["num_edits"]) / 1e9
-        r["peak_memory_gb_so_far"] = peak_memory_gb(device)  # the process's peak after this path (paths run in order)
+        r["peak_memory_gb"] = peak_memory_gb(device)  # this path's peak (reset before it)
         result[name] = r
-        del m
+        del m, data
     rates = {d: measure_matmul_rate(getattr(torch, d), device, seconds=own.matmul_seconds) for d in ("float32", "bfloat16")}
     for name, r in result.items():  # the z optimisation's rate against the matmul rate of the dtype its steps ran in
         r["matmul_fraction"] = r["z_gflops_per_second"] * 1e9 / rates["bfloat16" if name == "bfloat16" else "float32"]
@@ -249,10 +273,8 @@ def main() -> None:
         if "reference" in result:
             print(f"bfloat16 is {result['reference']['seconds_per_edit'] / result['bfloat16']['seconds_per_edit']:.2f}x "
                   "faster per edit than the reference")
-    batched = [r["peak_memory_gb_so_far"] for name, r in result.items() if name != "reference"]
-    summary_json["peak_memory_gb"] = max(batched)  # the batched paths ran first: the reference's peak comes after
-    print(f"peak memory {summary_json['peak_memory_gb']:.2f} GB (batched paths)"
-          + (f", {result['reference']['peak_memory_gb_so_far']:.2f} GB with the reference path" if "reference" in result else ""))
+    summary_json["peak_memory_gb"] = max(r["peak_memory_gb"] for name, r in result.items() if name != "reference")
+    print("peak memory: " + ", ".join(f"{name} {r['peak_memory_gb']:.2f} GB" for name, r in result.items()))
     if own.json:
         print(json.dumps({**summary_json, "paths": result}))
 
