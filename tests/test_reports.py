@@ -122,14 +122,34 @@ def test_compare_prints_one_row_per_run(runs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     header, rule, *rows = parse_table(proc.stdout)
     assert header == ["method", "edits", "ES", "PS", "NS", "Overall", "gen ES", "gen PS", "gen NS",
-                      "Generation Entropy", "downstream mean", "s/edit"]
+                      "Generation Entropy", "downstream mean", "perplexity", "s/edit"]
     assert set(rule[0]) <= {":", "-"}
     assert rows == [
         # downstream mean = mean(50.0, 60.0, 55.5) = 55.17
-        ["encore", "200", "97.0", "85.0", "71.5", "83.1", "61.0", "40.5", "66.2", "605.1", "55.2", "3.50"],
-        ["memit", "200", "88.0", "70.3", "60.0", "71.4", "–", "–", "–", "–", "–", "1.23"],
+        ["encore", "200", "97.0", "85.0", "71.5", "83.1", "61.0", "40.5", "66.2", "605.1", "55.2", "31.00", "3.50"],
+        ["memit", "200", "88.0", "70.3", "60.0", "71.4", "–", "–", "–", "–", "–", "–", "1.23"],
     ]
     assert parse_table(out.read_text()) == [header, rule, *rows]
+
+
+def test_compare_at_reads_the_retention_curve_and_downstream_history(runs):
+    proc = run_script("compare.py", runs[0], "--at", 100)
+    assert proc.returncode == 0, proc.stderr
+    [row] = parse_table(proc.stdout)[2:]
+    history = json.loads((runs[0] / "results.json").read_text())["history"]
+    seconds = sum(b["seconds"] for b in history[:4]) / 100  # the first 4 batches of 25
+    # retention at 100 edits (drift 1): 99 - 1, 90 - 2.5, 78 - 3.33, 88 - 3.33, 70 - 5, 50 - 5, 70 - 2;
+    # downstream at 100: mean(52.5, 61, 56.75); perplexity 30.2 + 0.4; no Generation Entropy mid-run
+    assert row == ["encore", "100", "98.0", "87.5", "74.7", "84.7", "65.0", "45.0", "68.0", "–", "56.8", "30.60",
+                   f"{seconds:.2f}"]
+    last = run_script("compare.py", runs[0], "--at", 200)  # the run's end: its final results
+    assert parse_table(last.stdout)[2][2:6] == ["97.0", "85.0", "71.5", "83.1"]
+
+
+def test_compare_at_an_edit_count_without_scores_exits_2(runs):
+    proc = run_script("compare.py", runs[0], runs[1], "--at", 75)
+    assert proc.returncode == 2
+    assert f"{runs[0]}: no scores at 75 edits" in proc.stderr and "50, 100, 150, 200" in proc.stderr
 
 
 def test_compare_names_the_run_dir_when_a_method_repeats(runs, tmp_path):
