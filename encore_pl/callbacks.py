@@ -1,168 +1,38 @@
-"""The weight update: after each edit batch, solve for and add the increment of every edited layer.
-
-Step 3 of METHOD.md. For the layers l_1 < ... < l_m of the window, in order, on the current
-(already partly updated) model: keys K at layer l, residual R = Z - H (targets minus the current
-output of the z layer), resid = R / (m - j), increment D from the configured solver (ENCORE's
-norm-constrained least squares, MEMIT or AlphaEdit), then K K^T joins the running sum of
-previous keys.
-"""
+"""The callbacks of an editing run: the weight update after each edit batch, and downstream
+ability measured every N batches."""
 
 import time
 from pathlib import Path
-from typing import Callable, Literal, NamedTuple, Optional
+from typing import Literal, Optional
 
 import lightning as L
 import torch
 from tqdm.auto import tqdm
 
-from .data import EditRequest
-from .distributed import Ranks
-from .keys import WindowKeys
-from .edited import EditedLayers
-from .solvers import WoodburySolver
-
-Solve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, resid, keys) -> D
-
-
-def spread_update(
-    edited: EditedLayers,
-    tok,
-    requests: list[EditRequest],
-    prefixes: list[str],
-    z_layer: int,
-    z: torch.Tensor,
-    solve: Solve,
-    seconds: Optional[dict[str, float]] = None,
-    ranks: Optional[Ranks] = None,
-) -> dict[int, "Increment"]:
-    """Apply the update layer by layer (the window of `edited`); return {layer: Increment}. A
-    non-finite update of any layer undoes those already applied and raises FloatingPointError.
-
-    `seconds` (if given) accumulates the time spent on "keys" and on "solve". With several
-    processes (`ranks`), each computes the keys of its share of the requests, all are gathered,
-    process 0 solves and broadcasts the increment.
-    """
-    applied = {}
-    seconds = {} if seconds is None else seconds
-    ranks = ranks or Ranks()
-    lm, layers = edited.lm, edited.layers
-    share = ranks.share(requests)
-    window = WindowKeys(lm, tok, share, prefixes, z_layer) if share else None
-    d_out, d_ff = lm.weight_out_in(layers[0]).shape
-    device = lm.model.device
-    for j, layer in enumerate(layers):
-        start = time.perf_counter()
-        if window is not None:
-            keys, current = window.at(layer)
-        else:  # fewer requests than processes
-            keys, current = torch.zeros(0, d_ff, device=device), torch.zeros(0, z.shape[1], device=device)
-        keys, current = ranks.gather(keys, len(requests)), ranks.gather(current, len(requests))
-        k = keys.T.double()  # [d_ff, n]
-        resid = (z.to(current.device) - current).T.double() / (len(layers) - j)  # [d_model, n]
-        middle = time.perf_counter()
-        # Process 0 solves (float64) and broadcasts the increment as float32, the precision of the
-        # cumulative increment it joins: every process then adds the same bits.
-        if ranks.rank == 0:
-            d = solve(layer, resid, k).to(device, torch.float32)
-        else:
-            d = torch.empty(d_out, d_ff, dtype=torch.float32, device=device)
-        d = ranks.broadcast(d.contiguous())
-        seconds["keys"] = seconds.get("keys", 0.0) + middle - start
-        seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - middle
-        if not torch.isfinite(d).all():
-            for done in applied.values():  # undo: the weights are left exactly as they were
-                done.restore()
-            raise FloatingPointError(f"the update of layer {layer} is not finite")
-        applied[layer] = Increment(d, k, edited.increment(layer).clone(), edited, layer)
-        edited.add(layer, d)
-    return applied
-
-
-class Increment(NamedTuple):
-    """One layer's applied update: increment D [out, in], keys K [d_ff, n], the cumulative
-    increment before it."""
-
-    d: torch.Tensor
-    k: torch.Tensor
-    before: torch.Tensor
-    edited: EditedLayers
-    layer: int
-
-    def restore(self) -> None:
-        """The layer's cumulative increment and weight as they were (bitwise: the weight is a
-        function of the increment)."""
-        self.edited.increment(self.layer).copy_(self.before)
-        self.edited.set_weight(self.layer)
 
 
 class LeastSquaresUpdate(L.Callback):
-    """Applies the solver's closed-form update to the located down matrices after each step.
-
-    One `WoodburySolver` per edited layer caches that layer's M^-1 across batches, on process 0
-    (the only one that solves), on `solver.state_device`. The cache is no state of its own: it is
-    rebuilt from the running key sums (what checkpoints carry).
-    """
-
-    def __init__(self) -> None:
-        self.solvers: dict[int, WoodburySolver] = {}
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.solvers = {}  # C0 and the key sums may be new: rebuild on first use
+    """After each training step (the batch's target vectors), applies the norm-constrained
+    least-squares update (steps 2-3 of METHOD.md) through the module's `Editor`, and logs it.
+    The module adds it (`configure_callbacks`); `EditCheckpoint`, a Lightning Checkpoint, runs
+    after every other callback, so the checkpoint of a batch holds its update."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        m = pl_module
-        cfg, edited = m.solver, m.edited_layers
-
-        def solve(layer: int, resid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-            if layer not in self.solvers:
-                self.solvers[layer] = WoodburySolver(cfg, m.c0[layer], m.projectors.get(layer))
-            return self.solvers[layer].solve(resid, k, edited.key_sums[layer] if cfg.use_prev_keys else None)
-
-        def reject(requests: list[EditRequest], reason: str) -> None:
-            ids = [r.case_id for r in requests]
-            if m.on_nonfinite == "error":
-                raise FloatingPointError(f"edit batch {batch_idx}: {reason} (requests {ids}); the weights are as "
-                                         "they were before this batch (on_nonfinite: skip goes on without them)")
-            m.skipped += [{"case_id": i, "batch": batch_idx, "reason": reason} for i in ids]
-
-        z = outputs["z"]
-        finite = torch.isfinite(z).all(dim=1).tolist()
-        if not all(finite):
-            reject([r for r, ok in zip(batch, finite) if not ok], "non-finite target vector")
-            batch, z = [r for r, ok in zip(batch, finite) if ok], z[torch.tensor(finite, device=z.device)]
-        phases = {"z": outputs["z_seconds"]}
-        try:
-            applied = spread_update(edited, m.tokenizer, batch, m.context_prefixes, m.z_layer, z, solve, phases, m.ranks) if batch else {}
-        except FloatingPointError as e:
-            reject(batch, str(e))
-            batch, applied = [], {}
-        for layer, inc in applied.items():
-            if layer in self.solvers:  # process 0's
-                self.solvers[layer].absorb(inc.k)
-            edited.add_keys(layer, inc.k)  # process 0 holds the key sums
-        m.edited.extend(batch)
-
-        seconds = time.perf_counter() - outputs["start"]
+        editor = pl_module.editor
+        record = editor.update(batch, outputs, batch_idx, {"z": outputs["z_seconds"]})
+        seconds = editor.state.history[-1]["seconds"] = time.perf_counter() - outputs["start"]
         steps = outputs["steps"].float()
-        norms = {l: m.lm.weight_out_in(l).float().norm().item() for l in applied}
-        m.history.append({
-            "batch": batch_idx,
-            "num_edits": len(m.edited),
-            "seconds": seconds,
-            "phase_seconds": phases,  # z optimisation, keys (with residuals), solves
-            "z_steps_mean": steps.mean().item(),
-            "weight_norm": {str(l): v for l, v in norms.items()},
-            "weight_norm_ratio": {str(l): v / m.original_norms[l] for l, v in norms.items()},
-            "increment_norm": {str(l): inc.d.norm().item() for l, inc in applied.items()},
-            # solves (so far, process 0) that took the plain path because the cached system was not SPD
-            "solve_fallbacks": sum(s.fallbacks for s in self.solvers.values()),
-        })
         log = {"edit/seconds": seconds, "edit/z_steps_mean": steps.mean().item(), "edit/z_steps_max": steps.max().item()}
-        for layer, inc in applied.items():
-            log[f"weight_norm/layer_{layer}"] = norms[layer]
-            log[f"increment_norm/layer_{layer}"] = inc.d.norm().item()
-        m.log_dict(log, on_step=True, on_epoch=False, batch_size=max(len(batch), 1))
-        m.record_batch(outputs, batch, batch_idx)
+        for layer, norm in record["weight_norm"].items():
+            log[f"weight_norm/layer_{layer}"] = norm
+            log[f"increment_norm/layer_{layer}"] = record["increment_norm"][layer]
+        pl_module.log_dict(log, on_step=True, on_epoch=False, batch_size=max(len(record["requests"]), 1))
+        experiment = getattr(pl_module.logger, "experiment", None)
+        if hasattr(experiment, "add_histogram") and trainer.is_global_zero:
+            n = record["num_edits"]
+            experiment.add_histogram("edit/target_prob_at_stop", outputs["target_prob"], n)
+            experiment.add_histogram("edit/natural_prob_of_true_object", torch.tensor(pl_module.natural_probs, device="cpu"), n)
+            experiment.add_histogram("edit/z_steps", steps, n)
 
 
 class DownstreamEvaluation(L.Callback):
@@ -269,10 +139,19 @@ class DownstreamEvaluation(L.Callback):
         if not pl_module.downstream_history:
             self.evaluate(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_batches and (batch_idx + 1) % self.every_n_batches == 0:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.measure_last_batch(trainer, pl_module)
+
+    def measure_last_batch(self, trainer, pl_module) -> None:
+        """After every N batches, once the update is done: before the next batch starts (or at
+        the end), so the update is measured whatever the order of callbacks, and a resumed run
+        measures what its last checkpoint did not hold."""
+        last = pl_module.history[-1] if pl_module.history else None
+        if (last and self.every_n_batches and (last["batch"] + 1) % self.every_n_batches == 0
+                and pl_module.downstream_history[-1]["num_edits"] != last["num_edits"]):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self.measure_last_batch(trainer, pl_module)
         if pl_module.downstream_history[-1]["num_edits"] != len(pl_module.edited):
             self.evaluate(trainer, pl_module)

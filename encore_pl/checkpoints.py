@@ -15,17 +15,19 @@ batches and none needs saving beyond the seed.
 from pathlib import Path
 from typing import Any, Optional
 
-import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import Checkpoint
 
 from .files import replaced
 
 
-class EditCheckpoint(L.Callback):
+class EditCheckpoint(Checkpoint):
     """Saves `last.ckpt` (and the edit patch `edits.safetensors`) every N edit batches.
 
-    Not a ModelCheckpoint: that one counts optimizer steps, and editing takes none.
+    Not a ModelCheckpoint: that one counts optimizer steps, and editing takes none. A Lightning
+    `Checkpoint` all the same: Lightning runs checkpoint callbacks after all others, so the
+    checkpoint of a batch holds its update.
     """
 
     def __init__(self, every_n_batches: int = 1, dirpath: Optional[str] = None):

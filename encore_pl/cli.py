@@ -26,7 +26,7 @@ class EditingCLI(LightningCLI):
             {
                 "trainer.max_epochs": 1,
                 "trainer.num_sanity_val_steps": 0,
-                "trainer.enable_checkpointing": False,  # EditCheckpoint (`checkpoint.*`) saves instead
+                "trainer.enable_checkpointing": True,  # EditCheckpoint (`checkpoint.*`) is the checkpoint callback: no ModelCheckpoint is added
                 "trainer.enable_model_summary": False,
                 "trainer.inference_mode": False,
                 "trainer.log_every_n_steps": 1,

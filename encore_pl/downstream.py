@@ -69,7 +69,7 @@ from typing import Literal, Optional
 import torch
 from transformers import DynamicCache
 
-from .distributed import Ranks
+from .ranks import Ranks
 from .evaluation import greedy_continuations
 from .keys import pad_right
 from .prompts import common_prefix, encode_target

@@ -17,6 +17,8 @@ without paraphrase or neighbourhood prompts is left out of that score's mean (Na
 import math
 import re
 from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -28,6 +30,38 @@ from .models import eos_ids
 from .prompts import encode_target
 
 GENERATION_SLACK = 3  # greedy tokens beyond the target's length
+
+
+@dataclass
+class EvaluationConfig:
+    """When and how edits are scored.
+
+    Args:
+        final_fraction: after the last batch, score this fraction of the edited requests (a
+            seeded sample); 1.0 = all of them, the paper's protocol.
+        every_n_batches: retention curve: every N batches, score the requests edited so far
+            (0 = off).
+        retention_sample: score a seeded sample of at most this many of them (None = all).
+        generation_prompts: prompts for Generation Entropy, before and after editing (0 = off).
+        generation_prompts_file: a JSON list of prompts, sampled (seeded) for requests that carry
+            none of their own (e.g. encore-eval/data/cf_generation_prompts.json).
+        generation_length: tokens per generated text, prompt included.
+        generation_scores: also score every evaluation by the model's greedy answer
+            (generation_efficacy, generation_paraphrase, generation_neighborhood).
+        probe_file: generic text (one passage per line) for the MLP-to-residual norm ratio
+            (None = built-in sentences).
+        batch_size: prompts per forward pass when scoring.
+    """
+
+    final_fraction: float = 1.0
+    every_n_batches: int = 0
+    retention_sample: Optional[int] = None
+    generation_prompts: int = 0
+    generation_prompts_file: Optional[str] = None
+    generation_length: int = 100
+    generation_scores: bool = True
+    probe_file: Optional[str] = None
+    batch_size: int = 64
 
 
 @torch.no_grad()

@@ -1,14 +1,15 @@
-"""The LightningModule: one training step is one edit batch (keys + target vectors with MPES).
+"""The LightningModule: one training step is one edit batch, run by the module's `Editor`.
 
-The weight update itself is applied by the `LeastSquaresUpdate` callback right after the step.
-All lifelong state (context prefixes, running sums of previous keys, original weight norms, the
-requests edited so far, the run's history) lives here, so it can be checkpointed.
+`training_step` computes the target vectors with MPES (step 1 of METHOD.md); the
+`LeastSquaresUpdate` callback then applies the norm-constrained update through the same `Editor`
+(steps 2-3). The editor owns the lifelong state; the module adds what a run measures around it
+(pre/post scores, retention curve, downstream history, results.json) and checkpoints both.
 """
 
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -17,54 +18,17 @@ import torch
 from torchmetrics import Metric
 
 from .callbacks import LeastSquaresUpdate
-from .checkpoints import EditCheckpoint
 from .data import EditRequest
-from .distributed import Ranks
-from .edited import EditedLayers
 from .diagnostics import mlp_residual_ratio, probe_texts
-from .evaluation import generate_texts, n_gram_entropy, score_requests
+from .editor import Editor, EditorConfig, read_saved_state
+from .evaluation import EvaluationConfig, generate_texts, n_gram_entropy, score_requests
 from .files import replaced
-from .layouts import LocatedModel
 from .metrics import CounterFactScores, GenerationEntropy
 from .models import DEFAULT_MODEL, load_model_and_tokenizer
-from .patches import save_patch, weights_sha256
-from .prompts import generate_context_prefixes
-from .solvers import SolverConfig, nullspace_projector
-from .stats import KeyStatistics, compute_key_statistics
-from .reference import reference_target_vectors
-from .target_vectors import TargetOptimization, compute_target_vectors, step_model
-
-
-@dataclass
-class EvaluationConfig:
-    """When and how edits are scored.
-
-    Args:
-        final_fraction: after the last batch, score this fraction of the edited requests (a
-            seeded sample); 1.0 = all of them, the paper's protocol.
-        every_n_batches: retention curve: every N batches, score the requests edited so far
-            (0 = off).
-        retention_sample: score a seeded sample of at most this many of them (None = all).
-        generation_prompts: prompts for Generation Entropy, before and after editing (0 = off).
-        generation_prompts_file: a JSON list of prompts, sampled (seeded) for requests that carry
-            none of their own (e.g. encore-eval/data/cf_generation_prompts.json).
-        generation_length: tokens per generated text, prompt included.
-        generation_scores: also score every evaluation by the model's greedy answer
-            (generation_efficacy, generation_paraphrase, generation_neighborhood).
-        probe_file: generic text (one passage per line) for the MLP-to-residual norm ratio
-            (None = built-in sentences).
-        batch_size: prompts per forward pass when scoring.
-    """
-
-    final_fraction: float = 1.0
-    every_n_batches: int = 0
-    retention_sample: Optional[int] = None
-    generation_prompts: int = 0
-    generation_prompts_file: Optional[str] = None
-    generation_length: int = 100
-    generation_scores: bool = True
-    probe_file: Optional[str] = None
-    batch_size: int = 64
+from .ranks import Ranks
+from .solvers import SolverConfig
+from .stats import KeyStatistics
+from .target_vectors import TargetOptimization
 
 
 class KnowledgeEditor(L.LightningModule):
@@ -81,6 +45,7 @@ class KnowledgeEditor(L.LightningModule):
         evaluation: EvaluationConfig = EvaluationConfig(),
         on_nonfinite: Literal["error", "skip"] = "error",
         seed: int = 0,
+        continue_from: Optional[str] = None,
     ):
         """Sequential knowledge editing of a causal LM with ENCORE, MEMIT or AlphaEdit.
 
@@ -99,49 +64,42 @@ class KnowledgeEditor(L.LightningModule):
                 the weights as they were before the batch; "skip" leaves those requests (or, for an
                 update, the batch) unedited, lists them in results.json `skipped`, and goes on.
             seed: fixes the context prefixes, evaluation samples and generations.
+            continue_from: a finished run's log directory (or an `Editor.save` directory) whose
+                lifelong stream this run continues with new requests: its edits, previous keys,
+                context prefixes and edited requests carry over, and this run's patch is
+                cumulative over both. Same base model, window, solver and C0 settings.
         """
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.layers = sorted(layers)
-        if self.layers != list(range(self.layers[0], self.layers[-1] + 1)):
-            raise ValueError(f"layers must be a window of consecutive layers, got {layers}")
-        self.z_layer = self.layers[-1] if z_layer is None else z_layer
-        self.solver, self.target, self.key_stats, self.evaluation = solver, target, key_stats, evaluation
-        self.on_nonfinite = on_nonfinite
         self.model, self.tokenizer = load_model_and_tokenizer(model_name_or_path, dtype, trust_remote_code)
-        self.lm = LocatedModel(self.model)
-        self.lm.check_layers(self.layers + [self.z_layer])
-        if target.chunk_size is not None and target.chunk_size < 1:
-            raise ValueError(f"target.chunk_size must be at least 1 (or null), got {target.chunk_size}")
-        if self.z_layer < self.layers[-1]:
-            raise ValueError(f"z_layer {self.z_layer} must not precede the last edited layer {self.layers[-1]}")
-        # Lifelong state of the edited matrices: base weights and cumulative increments (buffers,
-        # they follow the model to its device), running key sums (process 0, solver.state_device).
-        self.edited_layers = EditedLayers(self.lm, self.layers)
-        self.loaded_key_sums: Optional[dict[int, torch.Tensor]] = None  # from a checkpoint, until placed
-        self.context_prefixes: list[str] = []
-        self.edited: list[EditRequest] = []
-        self.c0: dict[int, torch.Tensor] = {}  # float32, host memory (copied where a solver needs it)
-        self.key_stats_info: dict = {}  # tokens, documents and source of C0
-        self.projectors: dict[int, torch.Tensor] = {}  # AlphaEdit, process 0, solver.state_device
-        self.original_norms = {l: self.lm.weight_out_in(l).float().norm().item() for l in self.layers}
-        self.steps_lm: Optional[LocatedModel] = None  # target.compute_dtype's copy of the later blocks (on_fit_start)
-        self.base_sha256 = weights_sha256(self.edited_layers.base_weights())
+        config = EditorConfig(layers=list(layers), z_layer=z_layer, solver=solver, target=target, key_stats=key_stats,
+                              evaluation=evaluation, on_nonfinite=on_nonfinite, seed=seed)
+        self.editor = Editor(self.model, self.tokenizer, config, model_name=model_name_or_path)
+        # (the editor's state lives on its `state.layers`, a submodule here: it follows the model's device)
+        self.edited_layers = self.editor.state.layers
+        self.lm, self.layers, self.z_layer = self.editor.lm, self.editor.layers, self.editor.z_layer
+        self.solver, self.target, self.key_stats, self.evaluation = solver, target, key_stats, evaluation
         # Metrics are submodules, created here: they follow the model to its device.
         self.pre_scores, self.post_scores, self.val_scores = CounterFactScores(), CounterFactScores(), CounterFactScores()
         self.retention_scores = CounterFactScores()
         self.pre_entropy, self.post_entropy = GenerationEntropy(), GenerationEntropy()
-        self.history: list[dict] = []  # one record per edit batch
+        # What the run measures around the edits (the edits' own records are the editor's).
         self.retention: list[dict] = []  # scores of the requests edited so far, every N batches
         self.downstream_history: list[dict] = []  # filled by DownstreamEvaluation
         self.natural_probs: list[float] = []  # P(true object) on the unedited model, per request
-        self.target_probs: list[float] = []  # P(new target) when its z optimisation stopped
-        self.z_steps: list[int] = []
         self.generation_prompt_list: list[str] = []
         self.evaluation_seconds: dict[str, float] = {}
-        self.skipped: list[dict] = []  # requests left unedited by `on_nonfinite: skip`
+        self.carried = {"edited": 0, "skipped": 0}  # requests of the stream continued from (continue_from)
         self.strict_loading = False  # checkpoints hold only the lifelong state (see on_save_checkpoint)
+
+    # The editor's lifelong state, read where the run reports it.
+    edited = property(lambda self: self.editor.state.edited)
+    skipped = property(lambda self: self.editor.state.skipped)
+    history = property(lambda self: self.editor.state.history)
+    z_steps = property(lambda self: self.editor.state.z_steps)
+    target_probs = property(lambda self: self.editor.state.target_probs)
+    context_prefixes = property(lambda self: self.editor.state.context_prefixes)
 
     # Lightning hooks --------------------------------------------------------------------------
 
@@ -149,42 +107,23 @@ class KnowledgeEditor(L.LightningModule):
         return [LeastSquaresUpdate()]
 
     def setup(self, stage: str) -> None:
-        self.ranks = Ranks()  # the process group exists by now
-        # The update must come before any callback that measures the edited model: run it first;
-        # the checkpoint must hold everything recorded after a batch: save it last.
-        callbacks = self.trainer.callbacks
-        callbacks.sort(key=lambda c: (not isinstance(c, LeastSquaresUpdate), isinstance(c, EditCheckpoint)))
+        self.ranks = self.editor.ranks = Ranks()  # the process group exists by now
 
     def configure_optimizers(self):
         return None  # the model is frozen; each step optimises its own target vectors
 
     def on_fit_start(self) -> None:
-        self.ranks.require_same(self.base_sha256, "base model weights")
-        if not self.context_prefixes:  # sampled once, by process 0, so every process has the same
-            prefixes = generate_context_prefixes(self.model, self.tokenizer, self.hparams.seed) if self.ranks.rank == 0 else None
-            self.context_prefixes = self.ranks.broadcast_object(prefixes)
-        with self.edited_layers.unedited():  # a resumed run holds edits; C0 is the base model's
-            self.c0 = compute_key_statistics(self.lm, self.tokenizer, self.layers, self.key_stats, self.ranks, info=self.key_stats_info)
-        # The float64 state of the solves exists only where they run: process 0, on state_device.
-        state_device = torch.device(self.solver.state_device) if self.solver.state_device else self.device
-        if state_device.type == "mps":  # MPS has no float64
-            state_device = torch.device("cpu")
-        solves_here = self.ranks.rank == 0
-        self.edited_layers.place_key_sums(state_device if solves_here else None, self.loaded_key_sums)
-        self.loaded_key_sums = None
-        # The z optimisation's steps in target.compute_dtype: one copy of the later blocks per run.
-        dtype = self.target.compute_dtype and getattr(torch, self.target.compute_dtype)
-        if self.target.batched and dtype and dtype != self.model.dtype:
-            self.steps_lm = step_model(self.lm, self.z_layer, dtype)
-        if self.solver.method == "alphaedit" and solves_here:  # the eigendecomposition on that device
-            self.projectors = {l: nullspace_projector(c.to(state_device), self.solver.nullspace_threshold)
-                               for l, c in self.c0.items()}
+        if self.hparams.continue_from and not self.edited and not self.skipped:  # (resumed: in the checkpoint)
+            self.editor.take_over(read_saved_state(self.hparams.continue_from))
+            self.carried = {"edited": len(self.edited), "skipped": len(self.skipped)}
+        self.editor.prepare()
 
     def on_train_start(self) -> None:
         start = time.perf_counter()
         requests = self.trainer.datamodule.requests
         if self.requests_done():  # resumed from a checkpoint: the pre-edit scores came with it
-            done = {r.case_id for r in self.edited} | {r["case_id"] for r in self.skipped}
+            done = ({r.case_id for r in self.edited[self.carried["edited"]:]}
+                    | {r["case_id"] for r in self.skipped[self.carried["skipped"]:]})
             if done != {r.case_id for r in requests[: len(done)]}:
                 raise ValueError(f"cannot resume: the checkpoint's run edited other requests than the first {len(done)} "
                                  "of this data; resume with the same data")
@@ -199,54 +138,43 @@ class KnowledgeEditor(L.LightningModule):
 
     def training_step(self, batch: list[EditRequest], batch_idx: int) -> dict:
         start = time.perf_counter()
-        share = self.ranks.share(batch)  # this process's requests
-        if share and self.target.batched:
-            tv = compute_target_vectors(self.lm, self.tokenizer, share, self.context_prefixes, self.z_layer, self.target,
-                                        self.steps_lm)
-        elif share:
-            tv = reference_target_vectors(self.lm, self.tokenizer, share, self.context_prefixes, self.z_layer, self.target)
-        if share:
-            z, steps, prob = tv.z, tv.steps.to(self.device), tv.target_prob.to(self.device)
-        else:  # fewer requests than processes
-            z = torch.zeros(0, self.model.config.hidden_size, device=self.device)
-            steps, prob = torch.zeros(0, dtype=torch.long, device=self.device), torch.zeros(0, device=self.device)
-        n, gather = len(batch), self.ranks.gather
-        return {"z": gather(z, n), "steps": gather(steps, n).cpu(), "target_prob": gather(prob, n).cpu(), "start": start,
-                "z_seconds": time.perf_counter() - start}
+        targets = self.editor.target_vectors(batch)
+        return {**targets, "start": start, "z_seconds": time.perf_counter() - start}
 
     def requests_done(self) -> int:
-        """How far into the request stream the run is: requests edited or skipped."""
-        return len(self.edited) + len(self.skipped)
+        """How far into its data the run is: requests edited or skipped (not those carried over)."""
+        return len(self.edited) + len(self.skipped) - self.carried["edited"] - self.carried["skipped"]
 
-    def record_batch(self, outputs: dict, batch: list[EditRequest], batch_idx: int) -> None:
-        """After the update (called by LeastSquaresUpdate, so that the checkpoint saved after the
-        batch has it): record diagnostics; score retention if due."""
+    def on_train_batch_start(self, batch: list[EditRequest], batch_idx: int) -> None:
+        self.measure_last_batch()
+
+    def measure_last_batch(self) -> None:
+        """Diagnostics of the last edit batch, and its retention scores if due. Measured once the
+        batch's update is done: before the next batch starts, or at the end of the run. So the
+        measurements see the update whatever the order of callbacks, and a run resumed from the
+        checkpoint saved right after the update measures what that checkpoint did not hold."""
+        if not self.history or "mlp_residual_ratio" in self.history[-1]:
+            return
         record = self.history[-1]
         record["mlp_residual_ratio"] = {
             str(l): v for l, v in mlp_residual_ratio(self.lm, self.tokenizer, probe_texts(self.evaluation.probe_file), self.layers).items()
         }
-        self.target_probs += outputs["target_prob"].tolist()
-        self.z_steps += outputs["steps"].tolist()
         log = {f"mlp_residual_ratio/layer_{l}": v for l, v in record["mlp_residual_ratio"].items()}
         log.update({f"weight_norm_ratio/layer_{l}": v for l, v in record["weight_norm_ratio"].items()})
         every = self.evaluation.every_n_batches
-        if every and (batch_idx + 1) % every == 0:
-            requests = self.sample(self.edited, self.evaluation.retention_sample, salt=batch_idx)
+        if every and (record["batch"] + 1) % every == 0:
+            requests = self.sample(self.edited, self.evaluation.retention_sample, salt=record["batch"])
             scores = self.retention_scores
             scores.reset()
             scores.update(self.score(requests))
             point = {"num_edits": len(self.edited), **scores.compute()}
             self.retention.append(point)
-            if self.logger is not None and self.trainer.is_global_zero:  # plotted against edits
-                self.logger.log_metrics({f"retention/{k}": v for k, v in point.items() if k != "num_edits"}, step=len(self.edited))
-        self.log_dict(log, on_step=True, on_epoch=False, batch_size=max(len(batch), 1))
-        experiment = getattr(self.logger, "experiment", None)
-        if hasattr(experiment, "add_histogram") and self.trainer.is_global_zero:
-            experiment.add_histogram("edit/target_prob_at_stop", outputs["target_prob"], len(self.edited))
-            experiment.add_histogram("edit/natural_prob_of_true_object", torch.tensor(self.natural_probs, device="cpu"), len(self.edited))
-            experiment.add_histogram("edit/z_steps", outputs["steps"].float(), len(self.edited))
+            log.update({f"retention/{k}": v for k, v in point.items() if k != "num_edits"})
+        if self.logger is not None and self.trainer.is_global_zero:  # plotted against edits
+            self.logger.log_metrics(log, step=len(self.edited))
 
     def on_train_end(self) -> None:
+        self.measure_last_batch()
         start = time.perf_counter()
         requests = self.sample(self.edited, None, fraction=self.evaluation.final_fraction)
         self.post_scores.update(self.score(requests, "post-edit evaluation"))
@@ -325,7 +253,7 @@ class KnowledgeEditor(L.LightningModule):
                 "evaluation": sum(self.evaluation_seconds.values()),  # pre- and post-edit scoring
             },
             "weight_norms": {
-                self.lm.down_proj_name(l): [self.original_norms[l], self.lm.weight_out_in(l).float().norm().item()]
+                self.lm.down_proj_name(l): [self.editor.original_norms[l], self.lm.weight_out_in(l).float().norm().item()]
                 for l in self.layers
             },
         }
@@ -346,7 +274,7 @@ class KnowledgeEditor(L.LightningModule):
         results.update(
             layers=self.layers,
             z_layer=self.z_layer,
-            key_stats=self.key_stats_info,
+            key_stats=self.editor.key_stats_info,
             history=self.history,
             retention=self.retention,
             downstream_history=self.downstream_history,
@@ -381,18 +309,8 @@ class KnowledgeEditor(L.LightningModule):
     def write_patch(self, log_dir: Optional[Path] = None) -> None:
         """`<log dir>/edits.safetensors`: the cumulative change of every edited matrix (process 0)."""
         log_dir = Path(log_dir or self.trainer.log_dir or ".")
-        if not self.trainer.is_global_zero:
-            return
-        increments, base = self.edited_layers.increments(), self.edited_layers.base_weights()
-        save_patch(log_dir / "edits.safetensors", increments, {
-            "base_model": self.hparams.model_name_or_path,
-            "base_sha256": self.base_sha256,
-            "patched_sha256": weights_sha256({name: base[name] + increments[name] for name in increments}),
-            "method": self.solver.method, "layers": self.layers,
-            "config": self.plain_hparams(),
-            "request_ids": [r.case_id for r in self.edited],
-            "skipped_ids": [r["case_id"] for r in self.skipped],
-        })
+        if self.trainer.is_global_zero:
+            self.editor.write_patch(log_dir / "edits.safetensors", {"config": self.plain_hparams()})
 
     # Checkpoints ------------------------------------------------------------------------------
 
@@ -400,53 +318,47 @@ class KnowledgeEditor(L.LightningModule):
         """The hyperparameters as plain JSON types."""
         return json.loads(json.dumps({k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in self.hparams.items()}))
 
-    def lifelong_keys(self) -> set[str]:
-        """The state_dict entries a checkpoint keeps: cumulative increments and running key sums."""
-        return {f"{name}_{l}" for l in self.layers for name in ("increment", "prev_keys")}
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep only the lifelong state; everything in plain types (loadable with weights_only=True).
-        Written by process 0, which holds the key sums."""
-        edited = self.edited_layers
-        checkpoint["state_dict"] = {f"increment_{l}": edited.increment(l) for l in self.layers}
-        checkpoint["state_dict"].update({f"prev_keys_{l}": s for l, s in edited.key_sums.items()})
+        """Keep only the lifelong state (the editor's) and the run's records; everything in plain
+        types (loadable with weights_only=True). Written by process 0, which holds the key sums."""
+        state = self.editor.state
+        checkpoint["state_dict"] = state.tensors()
         checkpoint["hyper_parameters"] = self.plain_hparams()
         # metric sums of every process, added up (only process 0 writes the checkpoint)
-        metrics = {f"{name}.{state}": self.ranks.sum(getattr(m, state).detach().clone())
-                   for name, m in self.named_modules() if isinstance(m, Metric) for state in m._defaults}
+        metrics = {f"{name}.{attr}": self.ranks.sum(getattr(m, attr).detach().clone())
+                   for name, m in self.named_modules() if isinstance(m, Metric) for attr in m._defaults}
         checkpoint["encore_pl"] = {
             "format": CHECKPOINT_FORMAT,
-            "base_sha256": self.base_sha256,
-            "context_prefixes": self.context_prefixes,
-            "edited": [asdict(r) for r in self.edited],
-            "skipped": self.skipped,
+            "base_sha256": self.editor.base_sha256,
+            **state.records(),
             "metrics": metrics,
-            **{name: getattr(self, name) for name in RECORDS},
+            **{name: getattr(self, name) for name in RUN_RECORDS},
+            "carried": self.carried,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restore the lifelong state, after checking that the checkpoint belongs to this run."""
-        state, saved = checkpoint["encore_pl"], checkpoint.get("hyper_parameters", {})
-        if state.get("format") != CHECKPOINT_FORMAT:
+        """Restore the lifelong state and the run's records, after checking that the checkpoint
+        belongs to this run."""
+        saved, state = checkpoint["encore_pl"], self.editor.state
+        hparams = checkpoint.get("hyper_parameters", {})
+        if saved.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"cannot resume: the checkpoint was written by an older encore-pl (checkpoint format "
-                             f"{state.get('format', 1)}, this version reads {CHECKPOINT_FORMAT}); start the run again")
+                             f"{saved.get('format', 1)}, this version reads {CHECKPOINT_FORMAT}); start the run again")
         mine = self.plain_hparams()
-        differ = [k for k in ("layers", "z_layer", "solver", "target", "key_stats", "seed", "dtype") if saved.get(k) != mine.get(k)]
-        if state["base_sha256"] != self.base_sha256:
+        differ = [k for k in ("layers", "z_layer", "solver", "target", "key_stats", "seed", "dtype") if hparams.get(k) != mine.get(k)]
+        if saved["base_sha256"] != self.editor.base_sha256:
             differ.insert(0, "base model weights")
-        if differ or set(checkpoint["state_dict"]) != self.lifelong_keys():
+        if differ or set(checkpoint["state_dict"]) != state.tensor_names():
             raise ValueError(f"cannot resume: the checkpoint belongs to a different run ({', '.join(differ) or 'edited layers'} differ)")
-        weights = checkpoint.pop("state_dict")  # restored here, not by Lightning's load_state_dict
+        tensors = checkpoint.pop("state_dict")  # restored here, not by Lightning's load_state_dict
         checkpoint["state_dict"] = {}
-        self.edited_layers.load_increments({l: weights[f"increment_{l}"] for l in self.layers})
-        self.loaded_key_sums = {l: weights[f"prev_keys_{l}"] for l in self.layers}  # placed in on_fit_start
-        self.context_prefixes = state["context_prefixes"]
-        self.edited = [EditRequest(**r) for r in state["edited"]]
-        self.skipped = state["skipped"]
-        for name in RECORDS:
-            setattr(self, name, state[name])
+        self.editor.loaded_key_sums = state.load_tensors(tensors)  # placed by Editor.prepare (on_fit_start)
+        state.load_records(saved)
+        for name in RUN_RECORDS:
+            setattr(self, name, saved[name])
+        self.carried = saved.get("carried", {"edited": 0, "skipped": 0})
         metrics = dict(self.named_modules())
-        for key, value in state["metrics"].items():
+        for key, value in saved["metrics"].items():
             name, attr = key.rsplit(".", 1)
             m = metrics[name]
             setattr(m, attr, value.to(self.device) if self.ranks.rank == 0 else torch.zeros_like(value, device=self.device))
@@ -456,9 +368,8 @@ class KnowledgeEditor(L.LightningModule):
 
 CHECKPOINT_FORMAT = 3  # 2: cumulative increments instead of edited weights; 3: per-score counts, generation scores
 
-# Records of the run kept in checkpoints (besides prefixes, edited requests and metric sums).
-RECORDS = ("history", "retention", "downstream_history", "natural_probs", "target_probs", "z_steps",
-           "generation_prompt_list", "evaluation_seconds")
+# What the run measured, kept in checkpoints besides the editor's lifelong state and the metric sums.
+RUN_RECORDS = ("retention", "downstream_history", "natural_probs", "generation_prompt_list", "evaluation_seconds")
 
 
 def format_table(rows: dict[str, dict]) -> str:

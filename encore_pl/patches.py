@@ -8,6 +8,7 @@ reverted only from a model it was applied to.
 
     python scripts/patch.py apply  --model BASE   --patch edits.safetensors --output EDITED
     python scripts/patch.py revert --model EDITED --patch edits.safetensors --output BASE_AGAIN
+    encore_pl.apply_patch(model, "edits.safetensors")   # from Python, on a loaded model (and revert_patch)
 """
 
 import hashlib
@@ -75,7 +76,7 @@ def edited_weights(lm: LocatedModel, metadata: dict, increments: dict[str, torch
 
 
 @torch.no_grad()
-def apply_patch(lm: LocatedModel, increments: dict[str, torch.Tensor], metadata: dict, sign: int = 1) -> None:
+def add_increments(lm: LocatedModel, increments: dict[str, torch.Tensor], metadata: dict, sign: int = 1) -> None:
     """Add (sign=1) or subtract (sign=-1, revert) a patch, after checking the model's hash."""
     weights = edited_weights(lm, metadata, increments)
     expected, what = (metadata["base_sha256"], "base") if sign > 0 else (metadata["patched_sha256"], "patched")
@@ -90,3 +91,17 @@ def apply_patch(lm: LocatedModel, increments: dict[str, torch.Tensor], metadata:
         if w.dtype != torch.float32:
             raise ValueError(f"{name} is {w.dtype}: load the model in float32 to apply a patch exactly")
         w.add_(sign * increments[name].to(w.device))  # w is the [out, in] view of the stored weight
+
+
+def apply_patch(model, path: str | Path) -> dict:
+    """Add the patch at `path` to `model` (a float32 copy of its base model), in place; its metadata."""
+    increments, metadata = load_patch(path)
+    add_increments(LocatedModel(model), increments, metadata, 1)
+    return metadata
+
+
+def revert_patch(model, path: str | Path) -> dict:
+    """Subtract the patch at `path` from `model` (a model it was applied to), in place; its metadata."""
+    increments, metadata = load_patch(path)
+    add_increments(LocatedModel(model), increments, metadata, -1)
+    return metadata

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .files import replaced
 from .keys import capture, run_to_stop
-from .distributed import Ranks
+from .ranks import Ranks
 from .layouts import LocatedModel
 from .models import cache_dir, eos_ids, reduced_copy
 

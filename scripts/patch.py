@@ -16,7 +16,7 @@ from jsonargparse import CLI  # noqa: E402
 from encore_pl.cli import user_errors  # noqa: E402
 from encore_pl.layouts import LocatedModel  # noqa: E402
 from encore_pl.models import load_model_and_tokenizer  # noqa: E402
-from encore_pl.patches import apply_patch, load_patch  # noqa: E402
+from encore_pl.patches import add_increments, load_patch  # noqa: E402
 
 
 def _patched(model: str, patch: str, output: str, sign: int, trust_remote_code: bool) -> None:
@@ -25,7 +25,7 @@ def _patched(model: str, patch: str, output: str, sign: int, trust_remote_code: 
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output directory {output!r} exists and is not empty")
     lm_model, tok = load_model_and_tokenizer(model, "float32", trust_remote_code)
-    apply_patch(LocatedModel(lm_model), increments, metadata, sign)
+    add_increments(LocatedModel(lm_model), increments, metadata, sign)
     lm_model.save_pretrained(out)
     tok.save_pretrained(out)
     what = "applied" if sign > 0 else "reverted"

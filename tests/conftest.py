@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random GPT-2 and Llama models with a tiny tokenizer, saved as local dirs."""
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,20 @@ def tiny_model_dir(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a DDP run's MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# A DownstreamEvaluation for tiny runs (format with glue=, text=), added to a run config.
+DOWNSTREAM = """
+trainer:
+  callbacks:
+    - class_path: encore_pl.callbacks.DownstreamEvaluation
+      init_args: {{every_n_batches: 1, tasks: [sst2, mmlu], data_dir: {glue}, k_shot: 2, n_items: 4,
+                  perplexity_file: {text}, perplexity_tokens: 256}}
+"""

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from encore_pl.distributed import FailureWatch, Ranks  # noqa: E402
+from encore_pl.distributed import FailureWatch  # noqa: E402
+from encore_pl.ranks import Ranks  # noqa: E402
 
 
 def watch(scenario: str, rank: int) -> None:

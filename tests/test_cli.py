@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SHARED_DATA
+from conftest import DOWNSTREAM, REPO, SHARED_DATA
 
 RESULT_KEYS = {
     "method", "model", "num_edits", "batch_size", "efficacy_score", "paraphrase_score", "neighborhood_score",
@@ -18,15 +18,6 @@ def run(*args, cwd):
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *args], cwd=cwd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
-
-
-DOWNSTREAM = """
-trainer:
-  callbacks:
-    - class_path: encore_pl.callbacks.DownstreamEvaluation
-      init_args: {{every_n_batches: 1, tasks: [sst2, mmlu], data_dir: {glue}, k_shot: 2, n_items: 4,
-                  perplexity_file: {text}, perplexity_tokens: 256}}
-"""
 
 
 @pytest.mark.parametrize("method", ["encore", "memit", "alphaedit"])

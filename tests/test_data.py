@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import SHARED_DATA
-from encore_pl.data import QUICKSTART_PATH, EditDataModule, InvalidRecord, RepeatedSubject, load_requests
+from encore_pl.data import QUICKSTART_PATH, EditDataModule, InvalidRecord, RepeatedSubject, read_requests
 
 GOOD_EASYEDIT = {
     "case_id": 7,
@@ -48,11 +48,11 @@ def write(tmp_path, records, name="data.json"):
 
 
 def test_each_format_parses(tmp_path):
-    (r,), _ = load_requests(write(tmp_path, [GOOD_EASYEDIT]))
+    (r,), _ = read_requests(write(tmp_path, [GOOD_EASYEDIT]))
     assert (r.prompt, r.target_new, r.target_true, r.case_id) == ("The mother tongue of {} is", " English", " French", "7")
-    (r,), _ = load_requests(write(tmp_path, [GOOD_ROME]))
+    (r,), _ = read_requests(write(tmp_path, [GOOD_ROME]))
     assert r.filled_prompt == "The mother tongue of Danielle Darrieux is" and r.generation_prompts
-    (r,), _ = load_requests(write(tmp_path, [GOOD_ZSRE]))
+    (r,), _ = read_requests(write(tmp_path, [GOOD_ZSRE]))
     # as published (ENCORE dsets/zsre.py): towards answers[0], the nq question with "?", on loc_ans
     assert (r.kind, r.prompt, r.target_new, r.target_true) == ("zsre", "What is the product made by {}?", " uniform", "")
     assert (r.neighborhood_prompts, r.neighborhood_target) == (["who plays walter in the big lebowski?"], " John Goodman")
@@ -61,8 +61,8 @@ def test_each_format_parses(tmp_path):
 def test_jsonl_and_shipped_quickstart_set(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(dict(GOOD_EASYEDIT, case_id=i)) for i in range(3)))
-    assert len(load_requests(path)[0]) == 3
-    shipped, _ = load_requests(QUICKSTART_PATH)
+    assert len(read_requests(path)[0]) == 3
+    shipped, _ = read_requests(QUICKSTART_PATH)
     assert len(shipped) >= 60
     assert all(len(r.paraphrase_prompts) >= 2 and len(r.neighborhood_prompts) >= 2 for r in shipped)
 
@@ -100,7 +100,7 @@ BAD = [
 def test_bad_record_is_reported_with_file_index_id_and_reason(tmp_path, kind, bad, message):
     path = write(tmp_path, [dict(GOOD_EASYEDIT, case_id=100), bad])
     with pytest.raises(InvalidRecord) as info:
-        load_requests(path)
+        read_requests(path)
     err = info.value
     assert err.index == 1 and message in err.reason and str(path) in str(err)
     assert f"record 1 (id {err.case_id!r})" in str(err)
@@ -109,34 +109,34 @@ def test_bad_record_is_reported_with_file_index_id_and_reason(tmp_path, kind, ba
 def test_duplicate_id(tmp_path):
     path = write(tmp_path, [GOOD_EASYEDIT, dict(GOOD_EASYEDIT, subject="Danielle")])
     with pytest.raises(InvalidRecord, match=r"record 1 \(id 7\): duplicate id \(first seen at record 0\)"):
-        load_requests(path)
+        read_requests(path)
 
 
 def test_skip_mode_counts_and_keeps_order(tmp_path):
     records = [dict(GOOD_EASYEDIT, case_id=i) for i in range(4)]
     records[1]["subject"] = "Nobody"
     records[2]["target_new"] = ""
-    requests, skipped = load_requests(write(tmp_path, records), on_invalid="skip")
+    requests, skipped = read_requests(write(tmp_path, records), on_invalid="skip")
     assert [r.case_id for r in requests] == ["0", "3"]
     assert [s.index for s in skipped] == [1, 2]
 
 
 def test_file_level_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_requests(tmp_path / "missing.json")
+        read_requests(tmp_path / "missing.json")
     broken = tmp_path / "broken.json"
     broken.write_text('[{"case_id": 1,')
     with pytest.raises(ValueError, match="not valid JSON"):
-        load_requests(broken)
+        read_requests(broken)
     with pytest.raises(ValueError, match="asked for 5 edits but only 1 valid records"):
-        load_requests(write(tmp_path, [GOOD_EASYEDIT]), num_edits=5)
+        read_requests(write(tmp_path, [GOOD_EASYEDIT]), num_edits=5)
 
 
 def test_mixed_types_across_records_still_name_the_record(tmp_path):
     # A type clash between records defeats Arrow's schema inference; validation still names the record.
     records = [GOOD_EASYEDIT, dict(GOOD_EASYEDIT, case_id=8, ground_truth=["French"])]
     with pytest.raises(InvalidRecord, match=r"record 1 .*'ground_truth' must be a string, got list"):
-        load_requests(write(tmp_path, records))
+        read_requests(write(tmp_path, records))
 
 
 def test_datamodule_batches_in_file_order(tmp_path):
@@ -154,7 +154,7 @@ def test_zsre_records_whose_alt_is_the_answer_are_edited_towards_the_answer():
     if not path.exists():
         pytest.skip(f"shared zsRE subset not found at {path}")
     records = json.loads(path.read_text())
-    requests, skipped = load_requests(path, format="zsre")
+    requests, skipped = read_requests(path, format="zsre")
     assert skipped == [] and len(requests) == len(records)
     same = [i for i, r in enumerate(records) if r["alt"].strip() == r["answers"][0].strip()]
     assert len(same) == 17 and same[0] == 101
@@ -168,20 +168,20 @@ def test_unique_subjects_leaves_out_and_counts_repeated_subjects(tmp_path):
     records = [dict(GOOD_EASYEDIT, case_id=i) for i in range(4)]
     records[1] = dict(records[1], subject="Michel Rocard", prompt="The mother tongue of Michel Rocard is")
     path = write(tmp_path, records)
-    requests, left_out = load_requests(path, unique_subjects=True)
+    requests, left_out = read_requests(path, unique_subjects=True)
     assert [r.case_id for r in requests] == ["0", "1"]
     assert [e.index for e in left_out] == [2, 3] and all(isinstance(e, RepeatedSubject) for e in left_out)
     assert "already edited (record 0)" in str(left_out[0])
     # num_edits counts the requests kept; too few unique ones is an error
-    assert [r.case_id for r in load_requests(path, num_edits=2, unique_subjects=True)[0]] == ["0", "1"]
+    assert [r.case_id for r in read_requests(path, num_edits=2, unique_subjects=True)[0]] == ["0", "1"]
     with pytest.raises(ValueError, match="asked for 3 edits but only 2"):
-        load_requests(path, num_edits=3, unique_subjects=True)
-    assert len(load_requests(path)[0]) == 4  # off by default
+        read_requests(path, num_edits=3, unique_subjects=True)
+    assert len(read_requests(path)[0]) == 4  # off by default
 
 
 def test_seeded_order_is_a_seeded_shuffle(tmp_path):
     path = write(tmp_path, [dict(GOOD_EASYEDIT, case_id=i) for i in range(30)])
-    ids = lambda **kw: [r.case_id for r in load_requests(path, **kw)[0]]
+    ids = lambda **kw: [r.case_id for r in read_requests(path, **kw)[0]]
     assert ids() == [str(i) for i in range(30)]
     shuffled = ids(order="seeded", seed=1)
     assert shuffled == ids(order="seeded", seed=1) != ids(order="seeded", seed=2)

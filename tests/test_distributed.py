@@ -4,7 +4,6 @@ process ends them all; processes that loaded different base weights refuse to ed
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SHARED_DATA
-from test_cli import DOWNSTREAM
+from conftest import DOWNSTREAM, REPO, SHARED_DATA, free_port
 
 TESTS = Path(__file__).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(args: list, cwd, env: dict, timeout: float) -> tuple[int, str, str, float]:

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from encore_pl import downstream as ds
 from encore_pl.callbacks import DownstreamEvaluation
-from encore_pl.distributed import Ranks
+from encore_pl.ranks import Ranks
 from encore_pl.evaluation import greedy_continuations
 
 TOKENIZER = Path(__file__).parent / "assets" / "tiny-tokenizer"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, SHARED_DATA
-from encore_pl.data import QUICKSTART_PATH, load_requests
+from encore_pl.data import QUICKSTART_PATH, read_requests
 from encore_pl.evaluation import score_requests
 from encore_pl.layouts import LocatedModel
 from encore_pl.models import load_model_and_tokenizer
@@ -33,7 +33,7 @@ def test_default_model_loads_and_knows_a_fact(default_model):
 
 def test_shipped_quickstart_facts_are_known_to_the_unedited_model(default_model):
     lm, tok = default_model
-    requests, _ = load_requests(QUICKSTART_PATH)
+    requests, _ = read_requests(QUICKSTART_PATH)
     scores = score_requests(lm, tok, requests)
     # The unedited model prefers the true object on every rewrite prompt and every neighbour.
     assert scores["efficacy"].sum().item() == 0

@@ -9,8 +9,8 @@ import lightning as L
 import pytest
 import torch
 
-import encore_pl.module
-from encore_pl.callbacks import spread_update
+import encore_pl.editor
+from encore_pl.update import spread_update
 from encore_pl.cli import main
 from encore_pl.data import EditDataModule
 from encore_pl.edited import EditedLayers
@@ -22,18 +22,19 @@ from conftest import REPO, make_tiny_model
 
 
 class Snapshot(L.Callback):
-    """The edited weights after every batch."""
+    """The edited weights before every batch (a callback sees a batch's update from the start of
+    the next one: the update itself runs in on_train_batch_end, after the user's callbacks)."""
 
     def __init__(self):
         self.weights = []
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.weights.append({l: pl_module.lm.weight_out_in(l).detach().clone() for l in pl_module.layers})
 
 
 def poisoned(bad_id: str):
     """compute_target_vectors, with a NaN target vector for request `bad_id`."""
-    real = encore_pl.module.compute_target_vectors
+    real = encore_pl.editor.compute_target_vectors
 
     def optimise(lm, tok, requests, *args):
         out = real(lm, tok, requests, *args)
@@ -61,12 +62,12 @@ def test_injected_nan_is_rejected_without_changing_the_weights(tiny_llama_dir, t
     data = EditDataModule(num_edits=4, batch_size=2)
     data.setup("fit")
     bad = data.requests[3].case_id  # in the second batch
-    monkeypatch.setattr(encore_pl.module, "compute_target_vectors", poisoned(bad))
+    monkeypatch.setattr(encore_pl.editor, "compute_target_vectors", poisoned(bad))
     module, data, snapshot, trainer = edit(tiny_llama_dir, "error", tmp_path)
     with pytest.raises(FloatingPointError, match=rf"edit batch 1: non-finite target vector \(requests \['{bad}'\]\); the weights are as they were"):
         trainer.fit(module, data)
-    assert len(snapshot.weights) == 1 and len(module.edited) == 2
-    for l, w in snapshot.weights[0].items():
+    assert len(snapshot.weights) == 2 and len(module.edited) == 2  # before batch 0, before batch 1
+    for l, w in snapshot.weights[1].items():
         assert torch.equal(module.lm.weight_out_in(l), w)
 
     # skip: the request is left out and listed; the rest of the batch is edited
@@ -74,7 +75,7 @@ def test_injected_nan_is_rejected_without_changing_the_weights(tiny_llama_dir, t
     trainer.fit(module, data)
     assert [r["case_id"] for r in module.skipped] == [bad] and len(module.edited) == 3
     assert bad not in [r.case_id for r in module.edited]
-    assert not torch.equal(module.lm.weight_out_in(1), snapshot.weights[0][1])
+    assert not torch.equal(module.lm.weight_out_in(1), snapshot.weights[1][1])
 
 
 def test_non_finite_update_of_a_later_layer_undoes_the_earlier_ones(tiny_llama_dir):

@@ -13,8 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, make_tiny_model
-from test_distributed import free_port
+from conftest import REPO, free_port, make_tiny_model
 
 FIT = [
     "--model.layers=[1,2]", "--model.solver.lambda_p=0.01", "--model.solver.lambda_n=0.01", "--model.target.v_num_grad_steps=6",

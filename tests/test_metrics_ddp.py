@@ -1,13 +1,14 @@
 """Metrics reduce across processes: 2 CPU processes (gloo) give what 1 process gives."""
 
 import json
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from encore_pl.metrics import CounterFactScores, GenerationEntropy
+
+from conftest import free_port
 
 g = torch.Generator().manual_seed(0)
 DATA = {
@@ -39,12 +40,6 @@ def worker(rank, port, out):
                 json.dump(result, f)
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_equal_one(tmp_path):

@@ -1,13 +1,14 @@
 """Each closed form equals a direct numerical minimisation of its stated objective, and the
 incremental Woodbury solve equals the plain closed form at every batch of a sequence."""
 
-import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-import encore_pl.callbacks as callbacks
+import encore_pl.editor as editor_module
+import encore_pl.update as update_module
+from encore_pl.editor import Editor
 from encore_pl.solvers import (
     SolverConfig,
     WoodburySolver,
@@ -196,17 +197,18 @@ def test_large_batch_and_cholesky_mode_take_the_plain_path(name):
 
 
 @pytest.mark.parametrize("name", ["encore", "alphaedit"])
-def test_least_squares_update_solves_through_the_cache_and_updates_prev_keys(monkeypatch, name):
+def test_editor_update_solves_through_the_cache_and_updates_prev_keys(monkeypatch, name):
     cfg = CONFIGS[name]
     c0, p, batch = sequence_problem(8, cfg.method)
     layers = [3, 4]
     bufs = {l: torch.zeros(SEQ_D_FF, SEQ_D_FF, dtype=torch.float64) for l in layers}
     edited = SimpleNamespace(key_sums=bufs, add_keys=lambda l, k: bufs[l].addmm_(k, k.T))
-    m = SimpleNamespace(
-        solver=cfg, c0={l: c0 for l in layers}, projectors={l: p for l in layers} if p is not None else {},
-        edited_layers=edited, lm=SimpleNamespace(weight_out_in=lambda l: torch.ones(2)),
-        edited=[], history=[], original_norms={l: 1.0 for l in layers}, log_dict=lambda *a, **kw: None, ranks=None,
-        record_batch=lambda *a: None,
+    state = SimpleNamespace(layers=edited, context_prefixes=[], edited=[], skipped=[], history=[], z_steps=[], target_probs=[])
+    editor = SimpleNamespace(  # what Editor.update reads
+        config=SimpleNamespace(solver=cfg, on_nonfinite="error"), state=state, solvers={},
+        c0={l: c0 for l in layers}, projectors={l: p for l in layers} if p is not None else {},
+        lm=SimpleNamespace(weight_out_in=lambda l: torch.ones(2)), original_norms={l: 1.0 for l in layers},
+        tokenizer=None, z_layer=layers[-1], ranks=None,
     )
     seen = []
 
@@ -215,24 +217,22 @@ def test_least_squares_update_solves_through_the_cache_and_updates_prev_keys(mon
         for layer in layers:
             r, k = batch()
             prev = bufs[layer].clone()
-            applied[layer] = callbacks.Increment(solve(layer, r, k), k, None, None, layer)
+            applied[layer] = update_module.Increment(solve(layer, r, k), k, None, None, layer)
             seen.append((layer, applied[layer].d, plain(cfg, r, k, c0, p, prev), prev, k))
         return applied
 
-    monkeypatch.setattr(callbacks, "spread_update", fake_spread)
-    update = callbacks.LeastSquaresUpdate()
-    update.on_fit_start(None, m)
-    m.tokenizer, m.context_prefixes, m.layers, m.z_layer = None, [], layers, layers[-1]
-    outputs = {"z": torch.zeros(1, 4), "start": time.perf_counter(), "steps": torch.ones(2), "z_seconds": 0.0}
+    monkeypatch.setattr(editor_module, "spread_update", fake_spread)
+    targets = {"z": torch.zeros(1, 4), "steps": torch.ones(1), "target_prob": torch.ones(1)}
     expected_prev = {l: torch.zeros_like(bufs[l]) for l in layers}
     for i in range(3):
-        update.on_train_batch_end(None, m, outputs, ["request"], i)
-    assert len(seen) == 6 and set(update.solvers) == set(layers)  # one cached solver per layer
+        Editor.update(editor, ["request"], targets, i)
+    assert len(seen) == 6 and set(editor.solvers) == set(layers)  # one cached solver per layer
+    assert [h["num_edits"] for h in state.history] == [1, 2, 3] and state.edited == ["request"] * 3
     for layer, d, expected, prev, k in seen:
         torch.testing.assert_close(d, expected, rtol=1e-8, atol=1e-12)
         torch.testing.assert_close(prev, expected_prev[layer])  # prev_keys as before: + K K^T per batch
         expected_prev[layer] = expected_prev[layer] + k @ k.T
-    assert all(update.solvers[l].minv is not None for l in layers)
+    assert all(editor.solvers[l].minv is not None for l in layers)
     for layer in layers:
         torch.testing.assert_close(bufs[layer], expected_prev[layer])
 

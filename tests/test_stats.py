@@ -273,7 +273,7 @@ def test_process_0s_cache_and_info_reach_the_other_processes(tiny_llama_dir, tmp
 def test_a_resumed_run_without_the_c0_cache_computes_c0_from_the_base_weights(tiny_llama_dir, tmp_path, monkeypatch):
     """On resume the model holds the edits of the checkpoint; if the C0 cache is gone, C0 (and its
     cache, keyed by the base model) must still be the unedited model's."""
-    from encore_pl.distributed import Ranks
+    from encore_pl.ranks import Ranks
     from encore_pl.module import KnowledgeEditor
 
     key_stats = KeyStatistics(files=[str(write_paragraphs(tmp_path))], num_tokens=None, seq_len=24, batch_size=3,
@@ -282,8 +282,8 @@ def test_a_resumed_run_without_the_c0_cache_computes_c0_from_the_base_weights(ti
     def c0_of(increment_scale: float, cache: str) -> tuple[dict, KnowledgeEditor]:
         monkeypatch.setenv("ENCORE_PL_CACHE", str(tmp_path / cache))
         module = KnowledgeEditor(str(tiny_llama_dir), layers=[1, 2], key_stats=key_stats)
-        module.ranks = Ranks()
-        module.context_prefixes = ["x. "]  # as restored from a checkpoint
+        module.ranks = module.editor.ranks = Ranks()
+        module.editor.state.context_prefixes = ["x. "]  # as restored from a checkpoint
         g = torch.Generator().manual_seed(0)
         module.edited_layers.load_increments({l: increment_scale * torch.randn(module.edited_layers.increment(l).shape, generator=g)
                                               for l in module.layers})
@@ -291,7 +291,7 @@ def test_a_resumed_run_without_the_c0_cache_computes_c0_from_the_base_weights(ti
         module.on_fit_start()
         for l in module.layers:  # the edits are back in the model afterwards
             assert torch.equal(module.lm.weight_out_in(l), edited[l])
-        return module.c0, module
+        return module.editor.c0, module
 
     base, _ = c0_of(0.0, "cache-base")
     resumed, _ = c0_of(1.0, "cache-resumed")

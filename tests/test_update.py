@@ -2,9 +2,9 @@
 
 import torch
 
-from encore_pl.callbacks import spread_update
+from encore_pl.update import spread_update
 from encore_pl.edited import EditedLayers
-from encore_pl.data import QUICKSTART_PATH, load_requests
+from encore_pl.data import QUICKSTART_PATH, read_requests
 from encore_pl.keys import compute_keys
 from encore_pl.layouts import LocatedModel
 from encore_pl.models import load_model_and_tokenizer
@@ -14,7 +14,7 @@ from encore_pl.solvers import memit_update
 def test_residual_spread_across_layers(tiny_model_dir):
     model, tok = load_model_and_tokenizer(str(tiny_model_dir))
     lm = LocatedModel(model)
-    requests, _ = load_requests(QUICKSTART_PATH, num_edits=3)
+    requests, _ = read_requests(QUICKSTART_PATH, num_edits=3)
     prefixes = ["The first thing. ", "I know. "]
     layers, z_layer = [1, 2], 2
     _, h = compute_keys(lm, tok, requests, prefixes, layers, z_layer)
@@ -42,7 +42,7 @@ def test_window_keys_equal_a_fresh_pass_on_the_partly_updated_model(tiny_model_d
 
     model, tok = load_model_and_tokenizer(str(tiny_model_dir))
     lm = LocatedModel(model)
-    requests, _ = load_requests(QUICKSTART_PATH, num_edits=5)
+    requests, _ = read_requests(QUICKSTART_PATH, num_edits=5)
     prefixes = ["The first thing. ", "I know. "]
     layers, z_layer = [0, 1, 2], 3
     window = WindowKeys(lm, tok, requests, prefixes, z_layer, batch_size=4)  # several chunks
