@@ -10,7 +10,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -49,8 +49,9 @@ class EvaluationConfig:
         generation_prompts_file: a JSON list of prompts, sampled (seeded) for requests that carry
             none of their own (e.g. encore-eval/data/cf_generation_prompts.json).
         generation_length: tokens per generated text, prompt included.
-        generation_scores: also score every evaluation by the model's greedy answer
-            (generation_efficacy, generation_paraphrase, generation_neighborhood).
+        generation_scores: also score by the model's greedy answer (generation_efficacy,
+            generation_paraphrase, generation_neighborhood): true in every evaluation, "final"
+            only before and after editing (not the retention curve: cheaper for long runs).
         probe_file: generic text (one passage per line) for the MLP-to-residual norm ratio
             (None = built-in sentences).
         batch_size: prompts per forward pass when scoring.
@@ -62,7 +63,7 @@ class EvaluationConfig:
     generation_prompts: int = 0
     generation_prompts_file: Optional[str] = None
     generation_length: int = 100
-    generation_scores: bool = True
+    generation_scores: Union[bool, Literal["final"]] = True
     probe_file: Optional[str] = None
     batch_size: int = 64
 
@@ -234,7 +235,7 @@ class KnowledgeEditor(L.LightningModule):
             requests = self.sample(self.edited, self.evaluation.retention_sample, salt=batch_idx)
             scores = self.retention_scores
             scores.reset()
-            scores.update(self.score(requests))
+            scores.update(self.score(requests, retention=True))
             point = {"num_edits": len(self.edited), **scores.compute()}
             self.retention.append(point)
             if self.logger is not None and self.trainer.is_global_zero:  # plotted against edits
@@ -267,10 +268,11 @@ class KnowledgeEditor(L.LightningModule):
 
     # Evaluation helpers -----------------------------------------------------------------------
 
-    def score(self, requests: list[EditRequest], desc: Optional[str] = None) -> dict[str, torch.Tensor]:
+    def score(self, requests: list[EditRequest], desc: Optional[str] = None, retention: bool = False) -> dict[str, torch.Tensor]:
         """Per-request scores of this process's share of `requests` (metrics sum over processes)."""
+        generation = self.evaluation.generation_scores
         return score_requests(self.lm, self.tokenizer, self.ranks.share(requests), self.evaluation.batch_size, desc,
-                              generation=self.evaluation.generation_scores)
+                              generation=generation is True or (generation == "final" and not retention))
 
     def sample(self, requests: list, size: Optional[int], fraction: float = 1.0, salt: int = 0) -> list:
         """A seeded sample of `requests` (in their order): `size` of them, or a `fraction`."""
