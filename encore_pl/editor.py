@@ -323,7 +323,7 @@ class Editor:
         the model as it is now, in percent (summed over processes)."""
         scores = CounterFactScores().to(self.device)
         scores.update(score_requests(self.lm, self.tokenizer, self.ranks.share(requests), self.config.evaluation.batch_size,
-                                     desc, generation=self.config.evaluation.generation_scores))
+                                     desc, generation=bool(self.config.evaluation.generation_scores)))
         return scores.compute()
 
     # Saving and loading -----------------------------------------------------------------------

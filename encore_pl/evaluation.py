@@ -18,7 +18,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -46,8 +46,9 @@ class EvaluationConfig:
         generation_prompts_file: a JSON list of prompts, sampled (seeded) for requests that carry
             none of their own (e.g. encore-eval/data/cf_generation_prompts.json).
         generation_length: tokens per generated text, prompt included.
-        generation_scores: also score every evaluation by the model's greedy answer
-            (generation_efficacy, generation_paraphrase, generation_neighborhood).
+        generation_scores: also score by the model's greedy answer (generation_efficacy,
+            generation_paraphrase, generation_neighborhood): true in every evaluation, "final"
+            only before and after editing (not the retention curve: cheaper for long runs).
         probe_file: generic text (one passage per line) for the MLP-to-residual norm ratio
             (None = built-in sentences).
         batch_size: prompts per forward pass when scoring.
@@ -59,7 +60,7 @@ class EvaluationConfig:
     generation_prompts: int = 0
     generation_prompts_file: Optional[str] = None
     generation_length: int = 100
-    generation_scores: bool = True
+    generation_scores: Union[bool, Literal["final"]] = True
     probe_file: Optional[str] = None
     batch_size: int = 64
 

@@ -166,7 +166,7 @@ class KnowledgeEditor(L.LightningModule):
             requests = self.sample(self.edited, self.evaluation.retention_sample, salt=record["batch"])
             scores = self.retention_scores
             scores.reset()
-            scores.update(self.score(requests))
+            scores.update(self.score(requests, retention=True))
             point = {"num_edits": len(self.edited), **scores.compute()}
             self.retention.append(point)
             log.update({f"retention/{k}": v for k, v in point.items() if k != "num_edits"})
@@ -195,10 +195,11 @@ class KnowledgeEditor(L.LightningModule):
 
     # Evaluation helpers -----------------------------------------------------------------------
 
-    def score(self, requests: list[EditRequest], desc: Optional[str] = None) -> dict[str, torch.Tensor]:
+    def score(self, requests: list[EditRequest], desc: Optional[str] = None, retention: bool = False) -> dict[str, torch.Tensor]:
         """Per-request scores of this process's share of `requests` (metrics sum over processes)."""
+        generation = self.evaluation.generation_scores
         return score_requests(self.lm, self.tokenizer, self.ranks.share(requests), self.evaluation.batch_size, desc,
-                              generation=self.evaluation.generation_scores)
+                              generation=generation is True or (generation == "final" and not retention))
 
     def sample(self, requests: list, size: Optional[int], fraction: float = 1.0, salt: int = 0) -> list:
         """A seeded sample of `requests` (in their order): `size` of them, or a `fraction`."""
