@@ -45,7 +45,9 @@ class EditCheckpoint(Checkpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.every_n_batches and (batch_idx + 1) % self.every_n_batches == 0:
-            trainer.save_checkpoint(Path(self.dirpath) / "last.ckpt")
+            # Lightning's weights_only, not torch.load's: False also saves the callbacks' state and the
+            # (empty) optimizer lists, without which Lightning refuses to resume. Read with weights_only=True.
+            trainer.save_checkpoint(Path(self.dirpath) / "last.ckpt", weights_only=False)
             pl_module.write_patch()
 
 

@@ -1,11 +1,12 @@
-"""The command line: `python scripts/train.py fit|validate --config CONFIG.yaml`."""
+"""The LightningCLI behind `encore-pl fit|validate --config CONFIG.yaml` (and `python scripts/train.py
+fit|validate --config CONFIG.yaml`, the same from a checkout)."""
 
 import os
 import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -114,7 +115,9 @@ def user_errors() -> Iterator[None]:
         raise SystemExit(1) from None
 
 
-def main(args=None) -> None:
+def main(args=None, prog: Optional[str] = None) -> None:
+    """Run a LightningCLI subcommand (`fit`, `validate`, ...) from `args` (default: sys.argv); `prog`
+    names the command in help and errors (default: the script's name)."""
     quiet_lightning_warnings()
     with user_errors():
         EditingCLI(
@@ -123,4 +126,5 @@ def main(args=None) -> None:
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             args=args,
+            parser_kwargs={"prog": prog} if prog else None,
         )

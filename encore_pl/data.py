@@ -239,7 +239,7 @@ def read_requests(
 
 
 def read_records(path: str | Path) -> list:
-    """Records of a local JSON / JSON-lines file (through `datasets`), or of a hub dataset."""
+    """Records of a local JSON list / JSON-lines file (through `datasets`), or of a hub dataset."""
     import datasets
 
     path = Path(path)
@@ -247,13 +247,14 @@ def read_records(path: str | Path) -> list:
         if str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
             return [_drop_none(r) for r in datasets.load_dataset(str(path), split="train").to_list()]
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8-sig")
+    refuse_top_level_object(path, text)  # datasets would read it as one record
     try:
         ds = datasets.Dataset.from_json(str(path), keep_in_memory=True)
         # datasets unifies record schemas (absent keys become None): drop those again.
         return [_drop_none(r) for r in ds.to_list()]
     except Exception:
         pass  # e.g. records whose types disagree: read them plainly and validate one by one
-    text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -262,8 +263,23 @@ def read_records(path: str | Path) -> list:
         except json.JSONDecodeError:
             raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a list of records, got {type(data).__name__}")
+        raise ValueError(f"{path}: expected a list of records (a JSON list, or JSON lines), got {type(data).__name__}")
     return data
+
+
+def refuse_top_level_object(path: Path, text: str) -> None:
+    """A file that is one JSON object is one record of JSON lines only if it is on one line and holds
+    no list of objects; otherwise (e.g. `{"requests": [...]}`) it is not a list of records."""
+    if not text.lstrip().startswith("{"):
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return  # JSON lines of several records, or not JSON (said later)
+    wraps_records = any(isinstance(v, list) and v and all(isinstance(x, dict) for x in v) for v in data.values())
+    if wraps_records or len(text.strip().splitlines()) > 1:
+        raise ValueError(f"{path}: expected a list of records (a JSON list, or JSON lines), "
+                         f"got an object with keys {sorted(data)}")
 
 
 def _drop_none(value):

@@ -132,6 +132,21 @@ def test_file_level_errors(tmp_path):
         read_requests(write(tmp_path, [GOOD_EASYEDIT]), num_edits=5)
 
 
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_top_level_object_is_not_a_list_of_records(tmp_path, indent):
+    path = tmp_path / "wrapped.json"
+    path.write_text(json.dumps({"requests": [GOOD_EASYEDIT], "version": 1}, indent=indent))
+    for fmt in ("auto", "easyedit"):
+        with pytest.raises(ValueError, match=r"wrapped.json: expected a list of records \(a JSON list, or JSON lines\), "
+                                             r"got an object with keys \['requests', 'version'\]"):
+            load_requests(path, format=fmt)
+    path.write_text(json.dumps(GOOD_EASYEDIT, indent=2))  # one record, but not JSON lines
+    with pytest.raises(ValueError, match="expected a list of records"):
+        load_requests(path)
+    path.write_text(json.dumps(GOOD_EASYEDIT) + "\n")  # JSON lines of one record
+    assert [r.case_id for r in load_requests(path)[0]] == ["7"]
+
+
 def test_mixed_types_across_records_still_name_the_record(tmp_path):
     # A type clash between records defeats Arrow's schema inference; validation still names the record.
     records = [GOOD_EASYEDIT, dict(GOOD_EASYEDIT, case_id=8, ground_truth=["French"])]

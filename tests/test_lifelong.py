@@ -73,6 +73,7 @@ def runs(tiny_llama_dir, tmp_path_factory):
 def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(runs):
     whole, killed = runs["whole"], runs["killed"]
     assert not list(killed.parent.glob("version_1")), "the resumed run writes into the killed run's directory"
+    assert "weights_only" not in runs["resumed_out"], "checkpoints are saved and loaded without a note about it"
     a, b = load_file(whole / "edits.safetensors"), load_file(killed / "edits.safetensors")
     assert set(a) == set(b) and len(a) == 2
     for name in a:

@@ -1,7 +1,8 @@
-"""scripts/plot_run.py and scripts/compare.py on two fake runs: an ENCORE run with every optional key
-of results.json and a MEMIT run with only the required ones."""
+"""scripts/plot_run.py and scripts/compare.py (`encore-pl plot` / `compare`) on two fake runs: an
+ENCORE run with every optional key of results.json and a MEMIT run with only the required ones."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +177,22 @@ def test_invalid_json_exits_2_naming_the_path(tmp_path):
     assert proc.returncode == 2
     assert str(broken / "results.json") in proc.stderr
     assert "invalid JSON" in proc.stderr
+
+
+def test_encore_pl_command_runs_the_same_code_as_the_scripts(runs, tmp_path):
+    def encore_pl(*args):
+        return subprocess.run([sys.executable, "-m", "encore_pl", *map(str, args)], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+
+    proc = encore_pl("compare", *runs)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == run_script("compare.py", *runs).stdout
+    proc = encore_pl("plot", runs[0], "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(FIGURES)
+    assert "usage: encore-pl compare" in encore_pl("compare", "--help").stdout
+    listing = encore_pl("--help")
+    assert listing.returncode == 0
+    for name in ("fit", "validate", "patch", "benchmark", "plot", "compare"):  # one line each
+        assert re.search(rf"^ +{name} +[A-Z].*\.$", listing.stdout, re.M), listing.stdout
+    assert encore_pl("nope").returncode == 2
