@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 import torch
 
 from .cli import EditingCLI, quiet_lightning_warnings
-from .data import EditDataModule
+from .datamodule import EditDataModule
 from .module import KnowledgeEditor
 from .prompts import common_prefix
 from .target_vectors import build_rows

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.precision import Precision
 
 from .checkpoints import EditCheckpoint, SafeCheckpointIO, find_last_checkpoint
-from .data import EditDataModule
+from .datamodule import EditDataModule
 from .distributed import editing_strategy
 from .module import KnowledgeEditor
 

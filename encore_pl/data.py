@@ -1,4 +1,4 @@
-"""Edit requests: reading, validating and batching them.
+"""Edit requests: reading, validating and ordering them (batches: datamodule.py).
 
 Three input formats, one request type:
 - "rome": CounterFact as published with ROME (`requested_rewrite` with a `{}` template,
@@ -287,11 +287,3 @@ def _drop_none(value):
         return {k: _drop_none(v) for k, v in value.items() if v is not None}
     return value
 
-
-def __getattr__(name: str):
-    """`encore_pl.data.EditDataModule` still works, without importing Lightning with this module."""
-    if name in ("EditDataModule", "RequestStream"):
-        from . import datamodule
-
-        return getattr(datamodule, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

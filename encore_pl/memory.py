@@ -357,7 +357,7 @@ def read_settings(paths: list[str], overrides: Optional[dict[str, Any]] = None, 
                   accelerator: Optional[str] = None, c0_cached: bool = False,
                   dims: Optional[ModelDims] = None) -> RunSettings:
     """A run's settings from its config files and overrides, with the run's own defaults."""
-    from .data import EditDataModule
+    from .datamodule import EditDataModule
     from .module import EvaluationConfig, KnowledgeEditor
     from .solvers import SolverConfig
     from .stats import KeyStatistics

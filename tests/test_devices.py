@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from encore_pl.data import EditDataModule
+from encore_pl.datamodule import EditDataModule
 from encore_pl.module import EvaluationConfig, KnowledgeEditor
 from encore_pl.solvers import SolverConfig
 from encore_pl.stats import KeyStatistics

@@ -12,7 +12,7 @@ import torch
 import encore_pl.editor
 from encore_pl.update import spread_update
 from encore_pl.cli import main
-from encore_pl.data import EditDataModule
+from encore_pl.datamodule import EditDataModule
 from encore_pl.edited import EditedLayers
 from encore_pl.layouts import LocatedModel
 from encore_pl.models import load_model_and_tokenizer

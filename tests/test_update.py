@@ -65,7 +65,7 @@ def test_chunked_target_vectors_give_the_same_patch(tiny_llama_dir, tmp_path, mo
     requests that stop at different steps: tests/test_target_vectors.py)."""
     import lightning as L
 
-    from encore_pl.data import EditDataModule
+    from encore_pl.datamodule import EditDataModule
     from encore_pl.module import KnowledgeEditor
     from encore_pl.solvers import SolverConfig
     from encore_pl.stats import KeyStatistics
