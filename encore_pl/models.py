@@ -120,13 +120,16 @@ def reduced_copy(model: torch.nn.Module, dtype: torch.dtype, memo: dict | None =
     """A frozen deep copy of `model` whose parameters are in `dtype`. Buffers keep their dtype, as
     `from_pretrained(dtype=...)` leaves them: RoPE's `inv_freq` in bfloat16 would shift every
     position's angle (0.7 rad at position 511 for SmolLM2). `memo` as for `copy.deepcopy` (e.g.
-    modules not to copy)."""
+    modules not to copy). Each parameter is converted directly into the copy (no full-precision
+    copy of the weights on the way: that would be the peak memory of making it)."""
     import copy
 
-    clone = copy.deepcopy(model, memo if memo is not None else {})
-    for p in clone.parameters():  # tied weights are one parameter: they stay tied
-        p.data = p.data.to(dtype)
-    return clone.requires_grad_(False)
+    memo = dict(memo or {})
+    skipped = {id(p) for m in model.modules() if id(m) in memo for p in m.parameters()}
+    for p in model.parameters():  # tied weights are one parameter: they stay tied
+        if id(p) not in skipped:
+            memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False)
+    return copy.deepcopy(model, memo).requires_grad_(False)
 
 
 def eos_ids(model, tok) -> set[int]:

@@ -180,8 +180,9 @@ class SuffixForward:
         self.steps_lm = steps_lm or lm
         dtype = next(self.steps_lm.model.parameters()).dtype
         self.fixed_rest = self.fixed.to(dtype)
-        if self.kv is not None and dtype != self.fixed.dtype:
-            self.kv = [None if kv is None else (kv[0].to(dtype), kv[1].to(dtype)) for kv in self.kv]
+        if self.kv is not None and dtype != self.fixed.dtype:  # layer by layer: one layer's copy at a time
+            for i, kv in enumerate(self.kv):
+                self.kv[i] = None if kv is None else (kv[0].to(dtype), kv[1].to(dtype))
         self._selected: dict[tuple, list] = {}
 
     def _prefix_cache(self, prefix: list[list[int]], groups: list[int], pad_id: int):

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +106,13 @@ def test_bad_config_key_is_a_clear_error():
         cwd=REPO, capture_output=True, text=True,
     )
     assert proc.returncode != 0 and "lamda_p" in proc.stderr
+
+
+def test_the_installed_command_lists_its_subcommands():
+    """`make venv` installs the package with its console script `encore-pl` next to the interpreter."""
+    command = Path(sys.executable).parent / "encore-pl"
+    assert command.is_file(), f"{command} missing: is the package installed (pip install -e .)?"
+    proc = subprocess.run([str(command), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for sub in ("fit", "validate", "patch", "benchmark", "plot", "compare"):
+        assert any(line.split()[:1] == [sub] for line in proc.stdout.splitlines()), proc.stdout

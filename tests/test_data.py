@@ -5,7 +5,8 @@ import json
 import pytest
 
 from conftest import SHARED_DATA
-from encore_pl.data import QUICKSTART_PATH, EditDataModule, InvalidRecord, RepeatedSubject, read_requests
+from encore_pl.data import QUICKSTART_PATH, InvalidRecord, RepeatedSubject, read_requests
+from encore_pl.datamodule import EditDataModule
 
 GOOD_EASYEDIT = {
     "case_id": 7,
@@ -139,12 +140,12 @@ def test_a_top_level_object_is_not_a_list_of_records(tmp_path, indent):
     for fmt in ("auto", "easyedit"):
         with pytest.raises(ValueError, match=r"wrapped.json: expected a list of records \(a JSON list, or JSON lines\), "
                                              r"got an object with keys \['requests', 'version'\]"):
-            load_requests(path, format=fmt)
+            read_requests(path, format=fmt)
     path.write_text(json.dumps(GOOD_EASYEDIT, indent=2))  # one record, but not JSON lines
     with pytest.raises(ValueError, match="expected a list of records"):
-        load_requests(path)
+        read_requests(path)
     path.write_text(json.dumps(GOOD_EASYEDIT) + "\n")  # JSON lines of one record
-    assert [r.case_id for r in load_requests(path)[0]] == ["7"]
+    assert [r.case_id for r in read_requests(path)[0]] == ["7"]
 
 
 def test_mixed_types_across_records_still_name_the_record(tmp_path):

@@ -4,7 +4,7 @@ import torch
 from encore_pl.data import EditRequest
 from encore_pl.keys import Replay
 from encore_pl.layouts import LocatedModel
-from encore_pl.models import load_model_and_tokenizer
+from encore_pl.models import load_model_and_tokenizer, reduced_copy
 from encore_pl.prompts import generate_context_prefixes
 from encore_pl.reference import reference_target_vectors
 from encore_pl.target_vectors import (
@@ -149,6 +149,9 @@ def test_step_model_copies_only_the_later_blocks_in_bfloat16(tiny_llama_dir):
     assert steps.model.config._attn_implementation == "eager" != model.config._attn_implementation  # CPU: eager steps only
     copied = sum(t.numel() for t in steps.model.parameters())
     assert copied == sum(t.numel() for t in model.parameters()) - sum(t.numel() for i in (0, 1) for t in lm.blocks[i].parameters())
+    assert {n: b.dtype for n, b in steps.model.named_buffers()} == {n: b.dtype for n, b in model.named_buffers()}
+    same = reduced_copy(model, torch.float32)  # same dtype: still a copy, never the model's own storage
+    assert all(a.data_ptr() != b.data_ptr() and torch.equal(a, b) for a, b in zip(same.parameters(), model.parameters()))
 
 
 def test_bfloat16_steps_give_the_suffix_logits_to_bfloat16_precision(tiny_llama_dir):
