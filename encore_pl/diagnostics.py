@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .keys import StopForward, pad_right
+from .forward import StopForward, pad_right
 from .layouts import LocatedModel
 
 # Generic sentences written for this project: plain prose with no edited facts in it.

@@ -71,7 +71,7 @@ from transformers import DynamicCache
 
 from .ranks import Ranks
 from .evaluation import greedy_continuations
-from .keys import pad_right
+from .forward import pad_right
 from .prompts import common_prefix, encode_target
 
 SHOT_SEPARATOR = "\n\n"

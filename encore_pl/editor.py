@@ -31,7 +31,7 @@ from .patches import save_patch, weights_sha256
 from .prompts import generate_context_prefixes
 from .ranks import Ranks
 from .reference import reference_target_vectors
-from .solvers import SolverConfig, WoodburySolver, nullspace_projector
+from .solvers import SOLVERS, SolverConfig, WoodburySolver, nullspace_projector
 from .update import spread_update
 from .stats import KeyStatistics, compute_key_statistics
 from .target_vectors import TargetOptimization, compute_target_vectors, step_model
@@ -216,7 +216,7 @@ class Editor:
         dtype = cfg.target.compute_dtype and getattr(torch, cfg.target.compute_dtype)
         if cfg.target.batched and dtype and dtype != self.model.dtype and self.steps_lm is None:
             self.steps_lm = step_model(self.lm, self.z_layer, dtype)
-        if cfg.solver.method == "alphaedit" and solves_here:  # the eigendecomposition on that device
+        if SOLVERS[cfg.solver.method].needs_projector and solves_here:  # the eigendecomposition on that device
             self.projectors = {l: nullspace_projector(c.to(state_device), cfg.solver.nullspace_threshold)
                                for l, c in self.c0.items()}
         self.solvers = {}  # C0 and the key sums may be new: rebuilt on first use

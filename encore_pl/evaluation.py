@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import EditRequest
-from .keys import pad_left, pad_right
+from .forward import pad_left, pad_right
 from .layouts import LocatedModel
 from .models import eos_ids
 from .prompts import encode_target

@@ -272,6 +272,13 @@ class RunSettings:
         s = self.solver
         return s.solve == "woodbury" and s.refactor_every > 0 and self.edit_batch <= 0.25 * self.dims.d_ff
 
+    @property
+    def projectors(self) -> bool:
+        """Process 0 builds AlphaEdit's null-space projectors."""
+        from .solvers import SOLVERS
+
+        return SOLVERS[self.solver.method].needs_projector
+
     def changed(self, dotted: str, value) -> "RunSettings":
         """A copy with one setting changed, named as on the command line (e.g. model.target.chunk_size)."""
         parts = dotted.split(".")
@@ -487,7 +494,7 @@ def _state_items(s: RunSettings, solved: bool) -> list[Item]:
     items = [(f"key sums K_prev K_prev^T (float64, {nl} layers)", nl * sq)]
     if solved and s.woodbury:
         items.append((f"cached inverses M^-1 (float64, {nl} layers)", nl * sq))
-    if s.solver.method == "alphaedit":
+    if s.projectors:
         items.append((f"AlphaEdit projectors (float64, {nl} layers)", nl * sq))
     return items
 
@@ -639,7 +646,6 @@ def estimate(s: RunSettings) -> Estimate:
     c0_dev, c0_host = _c0_pass(s)
     prefix_pass, steps = _z_items(s, s.chunk)
     eval_items = _eval_items(s)
-    alphaedit = s.solver.method == "alphaedit"
     eigh = [("AlphaEdit: eigendecomposition of one layer's C0 (float64)", 3 * d.d_ff**2 * 8)]
 
     devices, hosts = [], []
@@ -660,7 +666,7 @@ def estimate(s: RunSettings) -> Estimate:
                 if not (s.key_stats.files or s.key_stats.hf_dataset):
                     phases.append(Phase("C0 corpus sampled from the model (first run only)", base, _sampling(s)))
                 phases.append(Phase(c0_name, base, c0_dev + c0_host))
-            if alphaedit and rank0:
+            if s.projectors and rank0:
                 phases.append(Phase("AlphaEdit projectors (fit start)", base + c0 + state_before, eigh))
             phases += [Phase(f"{z_name}: prefix pass", res, prefix_pass) if prefix_pass else None,
                        Phase(f"{z_name}: steps", res, steps),
@@ -676,7 +682,7 @@ def estimate(s: RunSettings) -> Estimate:
             if not (s.key_stats.files or s.key_stats.hf_dataset):
                 phases.append(Phase("C0 corpus sampled from the model (first run only)", weights, _sampling(s)))
             phases.append(Phase(c0_name, weights, c0_dev))
-        if alphaedit and rank0 and not s.state_on_host:
+        if s.projectors and rank0 and not s.state_on_host:
             phases.append(Phase("AlphaEdit projectors (fit start)", weights + dev_state_before, eigh))
         if prefix_pass:
             phases.append(Phase(f"{z_name}: prefix pass", res, prefix_pass))
@@ -690,7 +696,7 @@ def estimate(s: RunSettings) -> Estimate:
                        Phase("fit start: C0 fingerprint", overhead, fingerprint_host)]
         if not s.c0_cached:
             host_phases.append(Phase(c0_name, overhead, c0_host + [("C0 as it is written", c0_bytes)]))
-        if alphaedit and rank0 and s.state_on_host:
+        if s.projectors and rank0 and s.state_on_host:
             host_phases.append(Phase("AlphaEdit projectors (fit start)", overhead + c0 + host_state[:1], eigh))
         ckpt = [] if s.state_on_host or not rank0 else [("checkpoint write: one key sum copied to the host", d.d_ff**2 * 8)]
         host_phases.append(Phase("editing (solves on the host)" if host_state and rank0 else "editing",

@@ -5,7 +5,7 @@ the full vocabulary projection at every step. Slow; used to check the fast path 
 import torch
 
 from .data import EditRequest
-from .keys import block_output, pad_right
+from .forward import block_output, pad_right
 from .layouts import LocatedModel
 from .prompts import encode
 from .target_vectors import TargetOptimization, TargetVectors

@@ -7,10 +7,11 @@ callback distributes the residual over the window.
 All three are D = R K~^T (M + K~ K~^T)^-1 with an SPD M known before the batch. The plain closed
 forms below factorise the d_ff x d_ff system every batch; `WoodburySolver` caches M^-1 per layer
 and needs only an n x n factorisation per batch (scripts/benchmark_solves.py measures both).
+`SOLVERS` holds what differs between the methods: M, K~ and the plain closed form.
 """
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 
@@ -22,7 +23,7 @@ class SolverConfig:
     """The least-squares update.
 
     Args:
-        method: "encore", "memit" or "alphaedit".
+        method: "encore", "memit" or "alphaedit" (the keys of `SOLVERS`).
         lambda_p: weight of the preservation term lambda_p * C0 (mom2_update_weight).
         lambda_n: ENCORE's Frobenius-norm penalty on each batch's increment (update_norm_lambda).
             MEMIT is ENCORE with lambda_n = 0.
@@ -52,6 +53,10 @@ class SolverConfig:
     solve: Literal["woodbury", "cholesky"] = "woodbury"
     refactor_every: int = 50
     state_device: Optional[str] = None
+
+    def __post_init__(self):
+        if self.method not in SOLVERS:
+            raise ValueError(f"unknown solver method {self.method!r}; known: {', '.join(SOLVERS)}")
 
 
 def _solve_right(resid_kt: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -120,6 +125,53 @@ def alphaedit_update(
     return r @ torch.linalg.solve(a.T, p @ k).T  # R (K^T P a^-1), n right-hand sides
 
 
+def _ridge_system(cfg: SolverConfig, c0: torch.Tensor, prev: Optional[torch.Tensor], device, lambda_n: float) -> torch.Tensor:
+    """M = lambda_p C0 + lambda_n I [+ prev] in float64 (ENCORE; MEMIT with lambda_n = 0)."""
+    m = c0.to(device, torch.float64) * cfg.lambda_p
+    m.diagonal().add_(lambda_n)
+    if prev is not None:
+        m += prev
+    return m
+
+
+def _alphaedit_system(cfg: SolverConfig, c0, p: torch.Tensor, prev: Optional[torch.Tensor], device) -> torch.Tensor:
+    """M = P prev P + l2 I (P is float64 on `device` already; C0 is not used)."""
+    m = torch.zeros_like(p) if prev is None else p @ prev.double() @ p
+    m.diagonal().add_(cfg.alphaedit_l2)
+    return m
+
+
+@dataclass(frozen=True)
+class ClosedForm:
+    """What differs between the methods in D = R K~^T (M + K~ K~^T)^-1 (see `WoodburySolver`).
+
+    Args:
+        system: (cfg, C0, P, prev, device) -> M, the float64 system known before the batch.
+        plain: (cfg, resid, keys, C0, P, prev) -> D by the plain closed form.
+        needs_projector: AlphaEdit's null-space projector P of C0 is built, and K~ = P K (else K~ = K).
+    """
+
+    system: Callable[..., torch.Tensor]
+    plain: Callable[..., torch.Tensor]
+    needs_projector: bool = False
+
+
+SOLVERS: dict[str, ClosedForm] = {
+    "encore": ClosedForm(
+        system=lambda cfg, c0, p, prev, device: _ridge_system(cfg, c0, prev, device, cfg.lambda_n),
+        plain=lambda cfg, r, k, c0, p, prev: encore_update(r, k, c0.to(k.device), cfg.lambda_p, cfg.lambda_n, prev),
+    ),
+    "memit": ClosedForm(
+        system=lambda cfg, c0, p, prev, device: _ridge_system(cfg, c0, prev, device, 0.0),
+        plain=lambda cfg, r, k, c0, p, prev: memit_update(r, k, c0.to(k.device), cfg.lambda_p, prev),
+    ),
+    "alphaedit": ClosedForm(
+        system=_alphaedit_system,
+        plain=lambda cfg, r, k, c0, p, prev: alphaedit_update(r, k, p.to(k.device), cfg.alphaedit_l2, prev),
+        needs_projector=True,
+    ),
+}
+
 WOODBURY_MAX_N_RATIO = 0.25  # above n / d_ff = 1/4 the plain factorisation is as cheap (see benchmark)
 
 
@@ -136,9 +188,9 @@ class WoodburySolver:
     """
 
     def __init__(self, cfg: SolverConfig, c0: torch.Tensor, projector: Optional[torch.Tensor] = None):
-        self.cfg, self.c0 = cfg, c0
+        self.cfg, self.c0, self.closed_form = cfg, c0, SOLVERS[cfg.method]
         self.device = None if cfg.state_device is None else torch.device(cfg.state_device)  # None: the keys'
-        self.projector = projector if cfg.method == "alphaedit" else None
+        self.projector = projector if self.closed_form.needs_projector else None
         self.minv: Optional[torch.Tensor] = None  # M^-1 [d_ff, d_ff], float64
         self.absorbed = 0  # batches absorbed since the cache was built
         self.prev_trace = 0.0  # trace(prev) that the cache stands for
@@ -148,26 +200,15 @@ class WoodburySolver:
 
     def plain(self, resid: torch.Tensor, keys: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
         """The plain closed form (one d_ff x d_ff factorisation)."""
-        cfg = self.cfg
-        if cfg.method == "alphaedit":
-            return alphaedit_update(resid, keys, self.projector.to(keys.device), cfg.alphaedit_l2, prev)
-        lambda_n = cfg.lambda_n if cfg.method == "encore" else 0.0
-        return encore_update(resid, keys, self.c0.to(keys.device), cfg.lambda_p, lambda_n, prev)
+        return self.closed_form.plain(self.cfg, resid, keys, self.c0, self.projector, prev)
 
     def build(self, prev: Optional[torch.Tensor], device: torch.device) -> None:
         """M^-1 from scratch: Cholesky, then cholesky_inverse (at most two d_ff x d_ff float64
         temporaries besides M^-1; the old M^-1 is dropped first)."""
-        cfg = self.cfg
         self.minv = None
-        if cfg.method == "alphaedit":
-            p = self.projector = self.projector.to(device, torch.float64)
-            m = torch.zeros_like(p) if prev is None else p @ prev.double() @ p
-            m.diagonal().add_(cfg.alphaedit_l2)
-        else:
-            m = self.c0.to(device, torch.float64) * cfg.lambda_p
-            m.diagonal().add_(cfg.lambda_n if cfg.method == "encore" else 0.0)
-            if prev is not None:
-                m += prev
+        if self.projector is not None:
+            self.projector = self.projector.to(device, torch.float64)
+        m = self.closed_form.system(self.cfg, self.c0, self.projector, prev, device)
         chol = torch.linalg.cholesky(m)
         del m
         self.minv = torch.cholesky_inverse(chol)

@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .files import replaced
-from .keys import capture, run_to_stop
+from .forward import run_to_stop
+from .keys import capture
 from .ranks import Ranks
 from .layouts import LocatedModel
 from .models import cache_dir, eos_ids, reduced_copy

@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from .data import EditRequest
-from .keys import Replay, StopForward, block_output, pad_left, pad_right, replayed
+from .forward import Replay, StopForward, block_output, pad_left, pad_right, replayed
 from .layouts import LocatedModel
 from .models import reduced_copy
 from .prompts import common_prefix, encode

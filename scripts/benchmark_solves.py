@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from encore_pl.solvers import SolverConfig, WoodburySolver, nullspace_projector
+from encore_pl.solvers import SOLVERS, SolverConfig, WoodburySolver, nullspace_projector
 
 RANK = 64  # rank of the non-diagonal part of C0
 
@@ -43,11 +43,9 @@ def problem(d_ff: int, d_out: int, cond: float, seed: int, device: str):
 
 def plain_float32(cfg: SolverConfig, resid, keys, c0, p, prev) -> torch.Tensor:
     """The plain solve with the system rounded to float32 and factorised in float32."""
-    eye = torch.eye(keys.shape[0], dtype=torch.float64, device=keys.device)
-    if cfg.method == "alphaedit":
-        kt, m = p @ keys, p @ prev @ p + cfg.alphaedit_l2 * eye
-    else:
-        kt, m = keys, cfg.lambda_p * c0 + (cfg.lambda_n if cfg.method == "encore" else 0.0) * eye + prev
+    form = SOLVERS[cfg.method]
+    kt = p @ keys if form.needs_projector else keys
+    m = form.system(cfg, c0, p, prev, keys.device)
     chol, info = torch.linalg.cholesky_ex((m + kt @ kt.T).float())
     if info:
         return torch.full((resid.shape[0], keys.shape[0]), math.nan, dtype=torch.float64)
@@ -62,7 +60,7 @@ def timed(fn):
 
 def run(cfg: SolverConfig, d_ff: int, n: int, d_out: int, args) -> dict:
     c0, batch = problem(d_ff, d_out, args.cond, args.seed, args.device)
-    p = nullspace_projector(c0, cfg.nullspace_threshold) if cfg.method == "alphaedit" else None
+    p = nullspace_projector(c0, cfg.nullspace_threshold) if SOLVERS[cfg.method].needs_projector else None
     solver = WoodburySolver(cfg, c0, p)
     prev = torch.zeros(d_ff, d_ff, dtype=torch.float64, device=args.device)
     _, build = timed(lambda: solver.build(prev, prev.device))
@@ -96,7 +94,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["1536x25", "1536x100", "4096x100", "14336x100"],
                         help="d_ff x n (batch size) pairs; 14336 needs several 1.6 GB float64 matrices")
     parser.add_argument("--d-out", type=int, default=None, help="rows of the residual (default: d_ff / 4)")
-    parser.add_argument("--method", choices=["encore", "memit", "alphaedit"], default="encore",
+    parser.add_argument("--method", choices=list(SOLVERS), default="encore",
                         help="the system solved (alphaedit adds an eigendecomposition of C0 per shape)")
     parser.add_argument("--lambda-p", type=float, default=SolverConfig.lambda_p, help="weight of C0")
     parser.add_argument("--batches", type=int, default=3, help="sequential batches timed and compared")

@@ -2,6 +2,7 @@
 incremental Woodbury solve equals the plain closed form at every batch of a sequence."""
 
 from types import SimpleNamespace
+from typing import get_args
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import encore_pl.editor as editor_module
 import encore_pl.update as update_module
 from encore_pl.editor import Editor
 from encore_pl.solvers import (
+    SOLVERS,
+    Method,
     SolverConfig,
     WoodburySolver,
     alphaedit_update,
@@ -260,3 +263,9 @@ def test_woodbury_falls_back_to_the_plain_solve_on_an_indefinite_c0():
         solver.absorb(k)
         prev += k @ k.T
     assert solver.fallbacks >= 1
+
+
+def test_the_registry_holds_exactly_the_configurable_methods():
+    assert set(SOLVERS) == set(get_args(Method))
+    with pytest.raises(ValueError, match="known: encore, memit, alphaedit"):
+        SolverConfig(method="rome")

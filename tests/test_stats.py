@@ -14,7 +14,8 @@ from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
 
 import encore_pl.stats as stats
 from conftest import ASSETS, SHARED_DATA, tiny_tokenizer
-from encore_pl.keys import capture, run_to_stop
+from encore_pl.forward import run_to_stop
+from encore_pl.keys import capture
 from encore_pl.layouts import LocatedModel
 from encore_pl.models import load_model_and_tokenizer
 from encore_pl.stats import (

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from encore_pl.data import EditRequest
-from encore_pl.keys import Replay
+from encore_pl.forward import Replay
 from encore_pl.layouts import LocatedModel
 from encore_pl.models import load_model_and_tokenizer, reduced_copy
 from encore_pl.prompts import generate_context_prefixes
@@ -77,7 +77,7 @@ def test_mpes_stops_at_first_qualifying_check_plus_extra_steps():
 
 def full_model_logits(lm, seqs, z_layer, where, delta):
     """Logits of the whole model on whole (right-padded) sequences, delta added at `where`."""
-    from encore_pl.keys import block_output, pad_right
+    from encore_pl.forward import block_output, pad_right
 
     ids, mask = pad_right(seqs, 0)
 
