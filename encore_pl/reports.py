@@ -1,12 +1,16 @@
-"""Reading finished runs (their results.json) for figures and comparison tables."""
+"""Reading runs for figures and comparison tables: a finished run's results.json, or, for a run
+still going (or killed), what its last checkpoint holds."""
 
 import json
 from pathlib import Path
 
 
 def load_run(path: Path) -> dict:
-    """The run's results.json as a dict; raises ValueError with a message naming the file."""
+    """The run's results.json as a dict; raises ValueError with a message naming the file. A run
+    without results.json but with checkpoints/last.ckpt is read from the checkpoint (`partial`)."""
     file = path if path.name == "results.json" else path / "results.json"
+    if not file.is_file() and (path / "checkpoints" / "last.ckpt").is_file():
+        return run_so_far(path / "checkpoints" / "last.ckpt")
     if not file.is_file():
         raise ValueError(f"{file}: no such file (is {path} a run directory?)")
     try:
@@ -16,6 +20,30 @@ def load_run(path: Path) -> dict:
     if not isinstance(results, dict) or "method" not in results:
         raise ValueError(f"{file}: not an editing run's results (no 'method' key)")
     return results
+
+
+def run_so_far(checkpoint: Path) -> dict:
+    """What a run's last checkpoint says, in the shape of results.json: its records (history,
+    retention curve, downstream history, per-request lists) and, as its scores, the last point of
+    its retention curve. Marked `"partial": true`."""
+    import torch
+
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        state, hparams = ckpt["encore_pl"], ckpt["hyper_parameters"]
+    except Exception as e:
+        raise ValueError(f"{checkpoint}: not a readable encore-pl checkpoint ({e})") from None
+    history = state["history"]
+    run = {
+        "method": hparams["solver"]["method"], "model": hparams.get("model_name_or_path"), "partial": True,
+        "num_edits": len(state["edited"]), "layers": hparams["layers"],
+        "batch_size": len(state["edited"]) // max(len(history), 1),
+        "seconds_per_edit": sum(b["seconds"] for b in history) / max(len(state["edited"]), 1),
+        **{k: state[k] for k in ("history", "retention", "downstream_history", "z_steps", "target_probs", "natural_probs")},
+    }
+    if state["retention"] and state["retention"][-1]["num_edits"] == run["num_edits"]:
+        run.update({k: v for k, v in state["retention"][-1].items() if k != "num_edits"})
+    return run
 
 
 def run_names(paths: list[Path]) -> list[str]:

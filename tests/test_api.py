@@ -159,6 +159,13 @@ def test_a_run_continues_a_finished_run_with_new_requests(tiny_llama_dir, tmp_pa
         return module, trainer
 
     first, trainer = fit(tmp_path / "first.json")
+    from encore_pl.reports import run_so_far  # a run read from its last checkpoint, as plots and tables do
+
+    so_far = run_so_far(tmp_path / "first" / "checkpoints" / "last.ckpt")
+    finished = json.loads((tmp_path / "first" / "results.json").read_text())
+    assert so_far["partial"] and so_far["method"] == "encore" and so_far["num_edits"] == 4
+    # the checkpoint is saved right after the update; the MLP/residual ratio is measured after it
+    assert [{k: v for k, v in b.items() if k != "mlp_residual_ratio"} for b in finished["history"]] == so_far["history"]
     second, _ = fit(tmp_path / "new.json", continue_from=str(tmp_path / "first"))
     assert [r.case_id for r in second.edited] == [str(r["case_id"]) for r in records[:8]]
     assert second.editor.state.context_prefixes == first.editor.state.context_prefixes
