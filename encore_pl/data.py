@@ -167,18 +167,10 @@ class RepeatedSubject(InvalidRecord):
     """A valid record left out by `unique_subjects`: its subject is already in the stream."""
 
 
-def load_requests(
-    path: str | Path,
-    format: Format = "auto",
-    num_edits: Optional[int] = None,
-    on_invalid: Literal["error", "skip"] = "error",
-    order: Literal["file", "seeded"] = "file",
-    seed: int = 0,
-    unique_subjects: bool = False,
-) -> list[EditRequest]:
-    """The validated requests of a JSON/JSONL file (see `read_requests`, which also returns the
-    records it left out)."""
-    return read_requests(path, format, num_edits, on_invalid, order, seed, unique_subjects)[0]
+def load_requests(path: str | Path, format: Format = "auto", **options) -> list[EditRequest]:
+    """The validated requests of a JSON/JSONL file; `options` are `read_requests`'s (num_edits,
+    on_invalid, order, seed, unique_subjects), which also returns the records it left out."""
+    return read_requests(path, format, **options)[0]
 
 
 def read_requests(
