@@ -1,11 +1,12 @@
-"""Several processes editing one model: how a batch is shared, and the strategy that runs them.
+"""Several processes editing one model: the strategy that runs them, and one failure ending all.
 
 Every process loads the same model and sees every edit batch. Within a batch, request i belongs
 to process i % world: each process computes the target vectors and keys of its own requests,
 and all of them are gathered back into the batch's order. Process 0 solves each layer's update
 and broadcasts it, so every process adds the bit-identical increment (solving on every process
 would also agree, but only as far as every process's linear algebra rounds alike). No request is
-padded in or counted twice, whatever the batch size.
+padded in or counted twice, whatever the batch size. The collectives the edit code calls are
+`ranks.Ranks`'s; this module is the Lightning side.
 """
 
 import os
