@@ -37,4 +37,4 @@ class OtherBaseOnProcess(Callback):
 
     def setup(self, trainer, pl_module, stage) -> None:
         if trainer.global_rank == self.rank:
-            pl_module.base_sha256 = "0" * 64
+            pl_module.editor.base_sha256 = "0" * 64
