@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .reports import load_run, run_labels
+from .reports import load_runs, run_labels
 
 MISSING = "–"
 HEADER = ["method", "edits", "ES", "PS", "NS", "Overall", "gen ES", "gen PS", "gen NS", "Generation Entropy",
@@ -110,10 +110,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> st
     parser.add_argument("--at", type=int, metavar="N", help="each run at N edits (from its retention curve)")
     args = parser.parse_args(argv)
 
-    try:
-        runs = [load_run(p) for p in args.runs]
-    except ValueError as e:
-        parser.error(str(e))  # exits with code 2
+    runs = load_runs(parser, args.runs)
     rows = []
     for path, label, run in zip(args.runs, run_labels(args.runs, runs), runs):
         try:

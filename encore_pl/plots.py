@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .reports import load_run, run_labels  # noqa: E402
+from .reports import load_runs, run_labels  # noqa: E402
 
 SCORES = {"efficacy_score": "Efficacy Score", "paraphrase_score": "Paraphrase Score",
           "neighborhood_score": "Neighborhood Score"}
@@ -239,10 +239,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> li
     parser.add_argument("--out", type=Path, metavar="DIR", help="directory for the PNGs (default: the first run directory)")
     args = parser.parse_args(argv)
 
-    try:
-        runs = [load_run(p) for p in args.runs]
-    except ValueError as e:
-        parser.error(str(e))  # exits with code 2
+    runs = load_runs(parser, args.runs)
     labels = run_labels(args.runs, runs)
     styles = run_styles(len(runs))
     first = args.runs[0]

@@ -22,6 +22,15 @@ def load_run(path: Path) -> dict:
     return results
 
 
+def load_runs(parser, paths: list[Path]) -> list[dict]:
+    """Every run of a command's RUN_DIR arguments; a bad one ends the command with its message
+    (argparse's error: exit code 2)."""
+    try:
+        return [load_run(p) for p in paths]
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def run_so_far(checkpoint: Path) -> dict:
     """What a run's last checkpoint says, in the shape of results.json: its records (history,
     retention curve, downstream history, per-request lists) and, as its scores, the last point of
