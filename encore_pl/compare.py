@@ -52,8 +52,8 @@ def perplexity(run: dict):
 def at_edits(run: dict, n: int) -> dict:
     """The run as it was after its first `n` edits, in the shape of results.json (only the keys
     the table reads). Raises ValueError naming the edit counts the run has a point at."""
-    if n == run["num_edits"]:
-        return run
+    if n == run["num_edits"] and not run.get("partial"):
+        return run  # a finished run's final results (a partial one has only its curves)
     point = next((p for p in run.get("retention") or [] if p["num_edits"] == n), None)
     if point is None:
         have = sorted({p["num_edits"] for p in run.get("retention") or []} | {run["num_edits"]})

@@ -147,6 +147,19 @@ def test_compare_at_reads_the_retention_curve_and_downstream_history(runs):
     assert parse_table(last.stdout)[2][2:6] == ["97.0", "85.0", "71.5", "83.1"]
 
 
+def test_compare_at_the_last_edits_of_a_partial_run_reads_its_downstream_history():
+    from encore_pl.compare import at_edits, table_row
+
+    run = fake_results("encore", full=True)
+    for final in ("downstream", "perplexity", "generation_entropy"):  # what only a finished run has
+        del run[final]
+    run["partial"] = True  # as reports.run_so_far reads a run from its last checkpoint
+    row = table_row("encore", at_edits(run, 200))
+    # downstream at 200 (drift 1): mean(55 - 5, 62 - 2, 58 - 2.5); perplexity 30.2 + 0.8
+    assert row[10:12] == ["55.2", "31.00"]
+    assert row[2:5] == ["97.0", "85.0", "71.3"]  # the retention point at 200 (final NS: 71.5)
+
+
 def test_compare_at_an_edit_count_without_scores_exits_2(runs):
     proc = run_script("compare.py", runs[0], runs[1], "--at", 75)
     assert proc.returncode == 2
