@@ -10,7 +10,8 @@ Writes these PNGs (a figure is skipped, with a note, when no run has its data):
 
     norm_growth.png    ||W_edited|| / ||W_original|| per edited layer against the number of edits
     scores.png         Efficacy / Paraphrase / Neighborhood Scores against the number of edits (and,
-                       in a second row, the generation scores: judged by the greedy answer)
+                       in a second row, the generation scores: judged by the greedy answer), from
+                       the run's retention curve; a dotted line is the run's pre-edit score
     probabilities.png  P(edited target) when its optimisation stopped vs P(true object) before editing
     z_steps.png        histogram of the optimisation steps each target vector z took
     downstream.png     downstream F1 per task (and perplexity) against the number of edits
@@ -146,12 +147,14 @@ def plot_scores(runs, labels, styles, out, written) -> None:
     panels = dict(SCORES)
     if any(key in e for r, _, _ in have for e in r["retention"] for key in GENERATION_SCORES):
         panels.update(GENERATION_SCORES)  # second row: the same, judged by the greedy answer
-    fig, axes = subplot_grid(len(panels), "Scores on the edits made so far, against the number of edits")
+    fig, axes = subplot_grid(len(panels), "Scores on the edits made so far, against the number of edits (dotted: before editing)")
     for ax, (key, name) in zip(axes, panels.items()):
         for run, label, style in have:
             points = [(e["num_edits"], e[key]) for e in run["retention"] if key in e]
             if points:
                 ax.plot(*zip(*points), label=label, **style)
+            if key in run.get("pre", {}):  # the same score before editing: a dotted line
+                ax.axhline(run["pre"][key], color=style["color"], linestyle=":", linewidth=1)
         ax.set_title(name)
         ax.set_ylabel(f"{name} (%)")
         ax.set_xlabel("number of edits")

@@ -2,6 +2,7 @@
 still going (or killed), what its last checkpoint holds."""
 
 import json
+import warnings
 from pathlib import Path
 
 
@@ -37,6 +38,8 @@ def run_so_far(checkpoint: Path) -> dict:
     its retention curve. Marked `"partial": true`."""
     import torch
 
+    from .metrics import CounterFactScores
+
     try:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
         state, hparams = ckpt["encore_pl"], ckpt["hyper_parameters"]
@@ -50,6 +53,12 @@ def run_so_far(checkpoint: Path) -> dict:
         "seconds_per_edit": sum(b["seconds"] for b in history) / max(len(state["edited"]), 1),
         **{k: state[k] for k in ("history", "retention", "downstream_history", "z_steps", "target_probs", "natural_probs")},
     }
+    pre = CounterFactScores()  # the pre-edit scores, from their metric states
+    pre.load_state_dict({k.removeprefix("pre_scores."): v for k, v in state["metrics"].items()
+                         if k.startswith("pre_scores.")})
+    with warnings.catch_warnings():  # states loaded, not updated: torchmetrics would warn
+        warnings.simplefilter("ignore")
+        run["pre"] = pre.compute()
     if state["retention"] and state["retention"][-1]["num_edits"] == run["num_edits"]:
         run.update({k: v for k, v in state["retention"][-1].items() if k != "num_edits"})
     return run

@@ -164,6 +164,7 @@ def test_a_run_continues_a_finished_run_with_new_requests(tiny_llama_dir, tmp_pa
     so_far = run_so_far(tmp_path / "first" / "checkpoints" / "last.ckpt")
     finished = json.loads((tmp_path / "first" / "results.json").read_text())
     assert so_far["partial"] and so_far["method"] == "encore" and so_far["num_edits"] == 4
+    assert so_far["pre"] == pytest.approx(finished["pre"])  # rebuilt from the pre-edit metric states
     # the checkpoint is saved right after the update; the MLP/residual ratio is measured after it
     assert [{k: v for k, v in b.items() if k != "mlp_residual_ratio"} for b in finished["history"]] == so_far["history"]
     second, _ = fit(tmp_path / "new.json", continue_from=str(tmp_path / "first"))
