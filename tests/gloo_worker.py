@@ -46,7 +46,9 @@ if __name__ == "__main__":
             Ranks().require_same(sys.argv[2], "base model weights")
         except ValueError as e:
             print(f"error: {e}", flush=True)
-            sys.exit(3)
+            # leave at once, as a failed run does (distributed.py): an interpreter exit would run gloo's
+            # destructors while the other process may already be gone, and those can abort (SIGABRT)
+            os._exit(3)
         dist.barrier()  # neither leaves while the other may still use process 0's store
         dist.destroy_process_group()
     else:
