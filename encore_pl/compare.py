@@ -56,9 +56,12 @@ def at_edits(run: dict, n: int) -> dict:
         return run  # a finished run's final results (a partial one has only its curves)
     point = next((p for p in run.get("retention") or [] if p["num_edits"] == n), None)
     if point is None:
-        have = sorted({p["num_edits"] for p in run.get("retention") or []} | {run["num_edits"]})
-        raise ValueError(f"no scores at {n} edits (it has scores at {', '.join(map(str, have))} edits; "
-                         "evaluation.every_n_batches sets how often a run scores its edits)")
+        have = {p["num_edits"] for p in run.get("retention") or []}
+        if not run.get("partial"):  # a finished run has its final scores; a partial one only its curve
+            have.add(run["num_edits"])
+        raise ValueError(f"no scores at {n} edits (it has scores at {', '.join(map(str, sorted(have))) or 'no'} "
+                         "edits; evaluation.every_n_batches sets how often a run scores its edits, and a run "
+                         "still going scores its last batch when the next one starts)")
     view = {"method": run["method"], "num_edits": n, **{k: point[k] for k in SCORE_KEYS if k in point}}
     batches = [b for b in run.get("history") or [] if b["num_edits"] <= n]
     if batches and batches[-1]["num_edits"] == n:

@@ -160,6 +160,15 @@ def test_compare_at_the_last_edits_of_a_partial_run_reads_its_downstream_history
     assert row[2:5] == ["97.0", "85.0", "71.3"]  # the retention point at 200 (final NS: 71.5)
 
 
+def test_compare_at_the_last_edits_of_a_partial_run_without_its_retention_point_names_what_it_has():
+    from encore_pl.compare import at_edits
+
+    run = fake_results("encore", full=True)
+    run["partial"], run["num_edits"] = True, 250  # checkpointed after batch 250, not yet scored there
+    with pytest.raises(ValueError, match=r"no scores at 250 edits \(it has scores at 50, 100, 150, 200 edits;"):
+        at_edits(run, 250)
+
+
 def test_compare_at_an_edit_count_without_scores_exits_2(runs):
     proc = run_script("compare.py", runs[0], runs[1], "--at", 75)
     assert proc.returncode == 2
