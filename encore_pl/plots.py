@@ -16,6 +16,9 @@ Writes these PNGs (a figure is skipped, with a note, when no run has its data):
     z_steps.png        histogram of the optimisation steps each target vector z took
     downstream.png     downstream F1 per task (and perplexity) against the number of edits
     mlp_ratio.png      ||MLP output|| / ||residual stream|| per edited layer against the number of edits
+    tradeoff.png       Efficacy / Paraphrase / Neighborhood Score against perplexity relative to before
+                       editing, at each edit count where both were measured (0 edits included): what
+                       edit success costs in general ability, one line per run
 
 Runs are labelled by method, plus the run directory's name when a method appears more than once.
 """
@@ -234,6 +237,42 @@ def plot_mlp_ratio(runs, labels, styles, out, written) -> None:
                    "no run has history[*].mlp_residual_ratio")
 
 
+def tradeoff_points(run: dict) -> list[tuple[int, float, dict]]:
+    """(num_edits, perplexity / perplexity before editing, scores) wherever the downstream history has a
+    perplexity and the retention curve (or, at 0 edits, the pre-edit scores) has the scores."""
+    perplexities = {e["num_edits"]: e["perplexity"] for e in run.get("downstream_history") or []
+                    if e.get("perplexity") is not None}
+    if 0 not in perplexities:
+        return []
+    scores = {0: run.get("pre") or {}, **{e["num_edits"]: e for e in run.get("retention") or []}}
+    return [(n, perplexities[n] / perplexities[0], scores[n]) for n in sorted(perplexities)
+            if all(key in scores.get(n, {}) for key in SCORES)]
+
+
+def plot_tradeoff(runs, labels, styles, out, written) -> None:
+    points = [tradeoff_points(r) for r in runs]
+    if not any(len(p) > 1 for p in points):
+        skip("tradeoff.png", "no run has scores and perplexity at the same edit count after 0 edits")
+        return
+    fig, axes = subplot_grid(len(SCORES), "Scores against perplexity (relative to before editing); "
+                             "points labelled by the number of edits")
+    for ax, (key, name) in zip(axes, SCORES.items()):
+        for run_points, label, style in zip(points, labels, styles):
+            if len(run_points) < 2:
+                continue
+            xs = [x for _, x, _ in run_points]
+            ys = [s[key] for _, _, s in run_points]
+            ax.plot(xs, ys, label=label, **style)
+            for (n, x, _), y in zip(run_points, ys):
+                ax.annotate(f"{n:,}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7,
+                            color=style["color"])
+        ax.set_title(name)
+        ax.set_ylabel(f"{name} (%)")
+        ax.set_xlabel("perplexity / perplexity before editing")
+        ax.xaxis.set_tick_params(labelbottom=True)
+    finish(fig, axes, out / "tradeoff.png", written)
+
+
 # Main -----------------------------------------------------------------------------------------
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> list[Path]:
@@ -250,7 +289,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> li
     out.mkdir(parents=True, exist_ok=True)
 
     written: list[Path] = []
-    for plot in (plot_norm_growth, plot_scores, plot_probabilities, plot_z_steps, plot_downstream, plot_mlp_ratio):
+    for plot in (plot_norm_growth, plot_scores, plot_probabilities, plot_z_steps, plot_downstream, plot_mlp_ratio,
+                 plot_tradeoff):
         plot(runs, labels, styles, out, written)
     return written
 

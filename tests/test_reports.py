@@ -12,7 +12,8 @@ import pytest
 
 REPO = Path(__file__).parents[1]
 LAYERS = [4, 5, 6, 7, 8]
-FIGURES = ["norm_growth.png", "scores.png", "probabilities.png", "z_steps.png", "downstream.png", "mlp_ratio.png"]
+FIGURES = ["norm_growth.png", "scores.png", "probabilities.png", "z_steps.png", "downstream.png", "mlp_ratio.png",
+           "tradeoff.png"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -110,6 +111,20 @@ def test_plot_run_defaults_to_first_run_dir_and_skips_missing_data(runs):
     for name in FIGURES[1:]:
         assert not (runs[1] / name).exists()
         assert f"skipped {name}" in proc.stdout
+
+
+def test_tradeoff_points_pair_scores_with_perplexity_at_the_same_edit_count():
+    from encore_pl.plots import tradeoff_points
+
+    run = fake_results("encore", full=True)
+    run["downstream_history"] = [e for e in run["downstream_history"] if e["num_edits"] != 150]
+    run["retention"] = [e for e in run["retention"] if e["num_edits"] != 100]
+    points = tradeoff_points(run)  # 0 (pre), 50 and 200: 100 has no scores, 150 no perplexity
+    assert [n for n, _, _ in points] == [0, 50, 200]
+    assert points[0][1] == 1.0 and points[0][2]["efficacy_score"] == 20.0
+    n, ratio, scores = points[-1]  # drift 1: perplexity 30.2 + 0.8, ES 99 - 2
+    assert ratio == pytest.approx(31.0 / 30.2) and scores["efficacy_score"] == pytest.approx(97.0)
+    assert tradeoff_points(fake_results("memit", full=False)) == []  # no downstream history
 
 
 def parse_table(text: str) -> list[list[str]]:
